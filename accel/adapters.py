@@ -1,0 +1,148 @@
+"""Model adapters: per transformer family, where the block stacks are, what a block takes and returns, and how the
+pipeline lays out classifier-free guidance. Accelerators never hard-code a family; they ask the adapter.
+
+Supporting a new family means one `ModelAdapter` entry in `ADAPTERS` (its block classes must be known to
+diffusers' `TransformerBlockRegistry`, which says where `hidden_states` / `encoder_hidden_states` sit in a
+block's inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+from accel.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """How one transformer family is laid out.
+
+    stacks: attribute names of the `nn.ModuleList`s of blocks, in execution order (FLUX: dual-stream then
+        single-stream).
+    cfg_layout: how the pipeline runs classifier-free guidance: "separate" (one transformer call per branch inside
+        `cache_context("cond"/"uncond")`), or "batch" (one call on `cat([uncond, cond])`).
+    protected_blocks: blocks that structural methods (pruning, block dropping) must never remove, as
+        (stack, index); the first block of each stack is always protected.
+    """
+
+    family: str
+    transformer_class: str
+    pipeline_classes: tuple[str, ...]
+    stacks: tuple[str, ...]
+    cfg_layout: Literal["separate", "batch"]
+    task: Literal["text-to-image", "text-to-video"]
+
+    def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+        return {name: getattr(transformer, name) for name in self.stacks}
+
+    def size_multiple(self, pipe: Any) -> int:
+        """Height and width must be multiples of this: the VAE's spatial factor times the transformer's patch."""
+        vae_factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+        config = pipe.transformer.config
+        patch = config.get("patch_size", 2) if hasattr(config, "get") else getattr(config, "patch_size", 2)
+        if isinstance(patch, (list, tuple)):  # Wan: (t, h, w)
+            patch = patch[-1]
+        if self.family == "flux":  # FLUX packs 2x2 latent patches; patch_size in its config is 1
+            patch = 2
+        return int(vae_factor) * int(patch)
+
+
+ADAPTERS: dict[str, ModelAdapter] = {
+    adapter.family: adapter
+    for adapter in (
+        ModelAdapter(
+            family="flux",
+            transformer_class="FluxTransformer2DModel",
+            pipeline_classes=("FluxPipeline",),
+            stacks=("transformer_blocks", "single_transformer_blocks"),
+            cfg_layout="separate",
+            task="text-to-image",
+        ),
+        ModelAdapter(
+            family="wan",
+            transformer_class="WanTransformer3DModel",
+            pipeline_classes=("WanPipeline",),
+            stacks=("blocks",),
+            cfg_layout="separate",
+            task="text-to-video",
+        ),
+        ModelAdapter(
+            family="sd3",
+            transformer_class="SD3Transformer2DModel",
+            pipeline_classes=("StableDiffusion3Pipeline",),
+            stacks=("transformer_blocks",),
+            cfg_layout="batch",
+            task="text-to-image",
+        ),
+    )
+}
+
+
+def supported_families() -> str:
+    return ", ".join(f"{a.family} ({a.transformer_class})" for a in ADAPTERS.values())
+
+
+def adapter_for(pipe_or_transformer: Any) -> ModelAdapter:
+    """The adapter for a pipeline or a transformer; a clear error naming what is supported otherwise."""
+    transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if transformer is None:
+        raise UnsupportedModelError(
+            f"{type(pipe_or_transformer).__name__} has no transformer; supported families: {supported_families()}"
+        )
+    name = type(transformer).__name__
+    for adapter in ADAPTERS.values():
+        if adapter.transformer_class == name:
+            return adapter
+    raise UnsupportedModelError(f"unsupported transformer {name}; supported families: {supported_families()}")
+
+
+class BlockIO:
+    """Reads a block's hidden states from its call and builds its return value, for one block class.
+
+    A thin wrapper over diffusers' `TransformerBlockMetadata` so accelerators handle dual-stream blocks (which
+    return image and text streams, in a class-specific order) and single-stream blocks the same way.
+    """
+
+    def __init__(self, block: torch.nn.Module):
+        try:
+            self.meta: TransformerBlockMetadata = TransformerBlockRegistry.get(type(block))
+        except ValueError as exc:
+            raise UnsupportedModelError(f"block class {type(block).__name__} is not registered with diffusers") from exc
+        self.meta._cls = type(block)
+        params = list(inspect.signature(type(block).forward).parameters)[1:]
+        self._index = {name: i for i, name in enumerate(params)}
+        self.has_encoder_stream = self.meta.return_encoder_hidden_states_index is not None
+
+    def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        index = self._index.get(name)
+        return args[index] if index is not None and index < len(args) else None
+
+    def inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden_states, encoder_hidden_states or None) as passed to the block."""
+        hidden = self._arg(self.meta.hidden_states_argument_name, args, kwargs)
+        encoder = self._arg(self.meta.encoder_hidden_states_argument_name, args, kwargs) if self.has_encoder_stream else None
+        return hidden, encoder
+
+    def outputs(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden_states, encoder_hidden_states or None) from what the block returned."""
+        if not isinstance(output, tuple):
+            return output, None
+        hidden = output[self.meta.return_hidden_states_index]
+        encoder = output[self.meta.return_encoder_hidden_states_index] if self.has_encoder_stream else None
+        return hidden, encoder
+
+    def make_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
+        """A return value shaped like the block's own."""
+        if not self.has_encoder_stream:
+            return hidden
+        result: list[Any] = [None, None]
+        result[self.meta.return_hidden_states_index] = hidden
+        result[self.meta.return_encoder_hidden_states_index] = encoder
+        return tuple(result)

@@ -1,0 +1,71 @@
+"""The small interface every accelerator implements.
+
+An accelerator is one file with: a pydantic config (`MethodConfig` subclass, discriminated by `method`), hook
+classes, and an `apply(session, config) -> MethodHandle` function. `accel/methods.py` lists the methods and the
+order in which they are applied; `accel/apply.py` runs them for one pipeline call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accel.apply import AccelSession
+
+
+class MethodConfig(BaseModel):
+    """Base of every accelerator config: unknown knobs are errors, configs are immutable values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: str
+
+    def shorthand(self) -> str:
+        """`method:key=value,...` with the knobs that differ from the defaults."""
+        knobs = self.model_dump(exclude={"method"}, exclude_defaults=True, mode="json")
+        if not knobs:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={_short(v)}" for k, v in knobs.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass
+class MethodHandle:
+    """What `apply` returns: how to undo the method and what it did during the call.
+
+    Hooks registered through `session.add_hook` are removed by the session; `on_remove` is for anything else
+    (e.g. diffusers' `disable_cache`). `counters` holds the method's own work counts for the report.
+    """
+
+    on_remove: Callable[[], None] | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    def remove(self) -> None:
+        if self.on_remove is not None:
+            self.on_remove()
+            self.on_remove = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the method's name, config class, apply function and one-line summary.
+
+    `exclusive` names a group of methods of which a spec may use only one (e.g. the feature caches, which would
+    fight over the same blocks).
+    """
+
+    name: str
+    config_cls: type[MethodConfig]
+    apply: Callable[["AccelSession", MethodConfig], MethodHandle]
+    summary: str
+    exclusive: str | None = None
+    families: tuple[str, ...] | None = None  # None: every family an adapter covers

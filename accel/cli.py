@@ -1,0 +1,198 @@
+"""The `accel` command line: generate, bench, make-model, and listings of models and accelerators."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  accel generate --model tiny-flux --prompt "a red circle" --out red.png
+  accel generate --model tiny-flux --prompt "a red circle" --accel fast --out fast.png
+  accel generate --model tiny-wan --prompt "a ball" --frames 5 --out ball.mp4
+  accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
+  accel make-model tiny-flux ./tiny-flux-dir      # a standard diffusers directory
+  accel methods                                   # accelerators, their knobs and presets
+"""
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny-flux", help="built-in name, local diffusers dir, or hub id (default: tiny-flux)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--compile", action="store_true", help="compile each transformer block (torch.compile)")
+    parser.add_argument("--attention-backend", default=None, help="diffusers attention backend (default: native SDPA)")
+
+
+def _add_generation_args(parser: argparse.ArgumentParser, *, prompt_required: bool) -> None:
+    parser.add_argument("--prompt", required=prompt_required, help="text prompt")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt (enables CFG where the model has it)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    parser.add_argument("--height", type=int, default=None, help="output height in pixels (default: the model's)")
+    parser.add_argument("--width", type=int, default=None, help="output width in pixels (default: the model's)")
+    parser.add_argument("--frames", type=int, default=None, help="video frames (video models only)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    parser.add_argument("--true-cfg", type=float, default=None, help="FLUX only: real CFG scale with --negative-prompt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="accel",
+        description="Training-free acceleration of diffusers pipelines: generate, benchmark, make models.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate one image (PNG) or video (MP4)", epilog=EXAMPLES,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(gen)
+    _add_generation_args(gen, prompt_required=True)
+    gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
+    gen.add_argument("--accel", default=None,
+                     help="accelerator spec: preset (off|quality|balanced|fast), method:key=value,..., JSON; join with ';'")
+    gen.add_argument("--out", required=True, help="output file: .png/.jpg/.webp for images, .mp4 for videos")
+    gen.add_argument("--report", action="store_true", help="print what the accelerators did, as JSON")
+
+    bench = sub.add_parser("bench", help="compare specs with the baseline: speed ratio, work, PSNR/SSIM",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    _add_model_args(bench)
+    _add_generation_args(bench, prompt_required=False)
+    bench.add_argument("--accel", action="append", default=[], required=True,
+                       help="a spec to compare (repeat the flag for several)")
+    bench.add_argument("--prompts", default=None, help="file with one prompt per line")
+    bench.add_argument("--seeds", type=int, default=1, help="number of seeds per prompt (0..K-1)")
+    bench.add_argument("--repeats", type=int, default=1, help="timed repeats per case (median is reported)")
+    bench.add_argument("--out", required=True, help="output directory for report.json, report.md, grid.png")
+
+    make = sub.add_parser("make-model", help="write a built-in model as a diffusers directory")
+    make.add_argument("name", help="built-in model name (see `accel models`)")
+    make.add_argument("dir", help="target directory")
+
+    sub.add_parser("models", help="list the built-in models")
+    sub.add_parser("methods", help="list accelerators (with their knobs) and presets")
+    return parser
+
+
+def _load(args):
+    from accel.loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
+                         attention_backend=args.attention_backend, progress=True)
+
+
+def _params(args, **extra) -> dict:
+    return {
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.steps,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.frames,
+        "guidance_scale": args.guidance,
+        "true_cfg_scale": args.true_cfg,
+        **extra,
+    }
+
+
+def cmd_generate(args) -> int:
+    from accel.generate import GenerationParams, generate
+    from accel.io import save_output
+    from accel.spec import parse_spec
+
+    parse_spec(args.accel)  # fail on a bad spec before loading the model
+    params = GenerationParams.parse(prompt=args.prompt, seed=args.seed, **_params(args))
+    pipe = _load(args)
+    result = generate(pipe, params, args.accel)
+    fps = getattr(pipe.accel_defaults, "fps", None) or 8
+    frames = result.videos[0] if result.is_video else result.images[0]
+    out = Path(args.out)
+    if result.is_video and out.suffix.lower() != ".mp4":
+        raise SystemExit("error: --out: a video model writes .mp4")
+    save_output(frames, out, video=result.is_video, fps=fps)
+    print(f"wrote {out} ({result.seconds:.2f} s)")
+    if args.report:
+        print(json.dumps(result.report, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from accel.eval.bench import BenchCase, markdown_table, run_bench
+    from accel.generate import GenerationParams
+    from accel.spec import parse_spec
+
+    for spec in args.accel:
+        parse_spec(spec)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    elif args.prompt:
+        prompts = [args.prompt]
+    else:
+        raise SystemExit("error: give --prompt or --prompts FILE")
+    if args.seeds < 1 or args.repeats < 1:
+        raise SystemExit("error: --seeds and --repeats must be at least 1")
+    params = {k: v for k, v in _params(args).items() if v is not None}
+    GenerationParams.parse(prompt=prompts[0], **params)  # validate before loading
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    cases = [BenchCase(prompt, seed) for prompt in prompts for seed in range(args.seeds)]
+    report = run_bench(pipe, args.accel, cases, params=params, repeats=args.repeats, out_dir=args.out,
+                       model_name=args.model)
+    print(markdown_table(report))
+    print(f"wrote {args.out}/report.json, report.md, grid.png")
+    return 0
+
+
+def cmd_make_model(args) -> int:
+    from accel.loading import make_model
+
+    path = make_model(args.name, args.dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from accel.loading import builtin_models
+
+    for name, model in builtin_models().items():
+        print(f"{name:14s} {model.task:14s} {model.description}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from accel.methods import METHODS
+    from accel.presets import PRESET_DESCRIPTIONS, PRESETS
+
+    for name, method in METHODS.items():
+        print(f"{name}: {method.summary}")
+        for field, info in method.config_cls.model_fields.items():
+            if field != "method":
+                print(f"    {field} (default {info.default!r}): {info.description or ''}")
+    print("\npresets:")
+    for name, specs in PRESETS.items():
+        print(f"  {name:9s} {PRESET_DESCRIPTIONS.get(name, '')}: {json.dumps(specs)}")
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "bench": cmd_bench,
+    "make-model": cmd_make_model,
+    "models": cmd_models,
+    "methods": cmd_methods,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from accel.errors import AccelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AccelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

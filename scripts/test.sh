@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed and runs the whole test suite on CPU (no network, no GPU needed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec .venv/bin/python -m pytest -q "$@"
