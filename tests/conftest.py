@@ -1,0 +1,24 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def load():
+    """Load (once per session) a built-in pipeline by name."""
+    from accel.loading import load_pipeline
+
+    cache = {}
+
+    def _load(name: str):
+        if name not in cache:
+            cache[name] = load_pipeline(name)
+        return cache[name]
+
+    return _load
