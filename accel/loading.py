@@ -163,7 +163,9 @@ def load_pipeline(
             "not a local diffusers directory, not a hub id (org/name)"
         )
     adapter_for(pipe)  # refuse unsupported families early, with the list of supported ones
-    pipe.to(device=device, dtype=dtype)
+    if pipe.transformer.dtype != dtype:  # a no-op cast still warns on Wan's fp32-kept modules
+        pipe.to(dtype=dtype)
+    pipe.to(device)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -182,7 +184,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool):
     if local and not (Path(source) / "model_index.json").is_file():
         raise ModelNotFoundError(f"model {source!r}: directory has no model_index.json (not a diffusers pipeline)")
     try:
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=local)
+        return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all become one clear message
         where = "local directory" if local else "Hugging Face Hub (offline, or no such repository?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,7 +9,14 @@ from helpers import registries_empty, run
 
 FAMILIES = ["tiny-flux", "tiny-wan", "tiny-sd3"]
 # specs that must skip nothing and so be bit-identical to the plain pipeline
-NO_SKIP_SPECS = [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000"]
+NO_SKIP_SPECS = {
+    "tiny-flux": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
+    "tiny-wan": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
+    "tiny-sd3": [[], "off", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
+}
+# a spec that skips blocks on every family
+SKIPPING = {"tiny-flux": "fbcache:threshold=1.0", "tiny-wan": "fbcache:threshold=1.0",
+            "tiny-sd3": "magcache:mag_ratios=[1.0],threshold=1.0,retention_ratio=0"}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -18,7 +25,7 @@ NO_SKIP_SPECS = [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_bef
 def test_no_skip_specs_are_bit_identical_to_plain(load, name, cfg, batch):
     pipe = load(name)
     plain = run(pipe, name, cfg=cfg, batch=batch)
-    for spec in NO_SKIP_SPECS:
+    for spec in NO_SKIP_SPECS[name]:
         with accelerate(pipe, spec) as report:
             out = run(pipe, name, cfg=cfg, batch=batch)
         assert np.array_equal(plain, out), f"{name} {spec!r} differs from plain diffusers"
@@ -33,7 +40,7 @@ def test_report_counts_steps_calls_and_blocks_exactly(load, name):
     pipe = load(name)
     steps = 4
     for cfg in (False, True):
-        with accelerate(pipe, "fbcache:threshold=0") as report:
+        with accelerate(pipe, "taylorseer:disable_cache_before_step=1000") as report:
             run(pipe, name, cfg=cfg, num_inference_steps=steps)
         data = report.as_dict()
         separate_cfg = cfg and name != "tiny-sd3"  # SD3 batches uncond+cond into one call
@@ -49,7 +56,7 @@ def test_report_counts_steps_calls_and_blocks_exactly(load, name):
 def test_skipping_cache_reports_skipped_blocks_and_changes_output(load, name):
     pipe = load(name)
     plain = run(pipe, name, num_inference_steps=8)
-    with accelerate(pipe, "fbcache:threshold=1.0") as report:
+    with accelerate(pipe, SKIPPING[name]) as report:
         out = run(pipe, name, num_inference_steps=8)
     data = report.as_dict()
     assert data["block_fraction_computed"] < 1.0
@@ -59,17 +66,28 @@ def test_skipping_cache_reports_skipped_blocks_and_changes_output(load, name):
 
 
 def test_diffusers_caches_work_on_pipelines_without_cache_context(load):
-    """SD3 sets no cache context; plain `enable_cache` fails there, our session supplies one."""
+    """SD3 sets no cache context; diffusers' caches alone fail there, our session supplies one."""
     pipe = load("tiny-sd3")
     with accelerate(pipe, "taylorseer:cache_interval=2,disable_cache_before_step=1") as report:
         run(pipe, "tiny-sd3", cfg=True, num_inference_steps=6)
-    assert report.as_dict()["steps"] == 6
+    data = report.as_dict()
+    assert data["steps"] == 6
+    # diffusers' schedule: step 0 (warm-up), then steps where (step - before - 1) % interval == 0: 2 and 4
+    counts = data["details"]["taylorseer"]
+    assert counts["module_forwards_computed"] * 6 == counts["module_forwards_total"] * 3
+
+
+def test_fbcache_on_sd3_is_refused_with_the_supported_families(load):
+    pipe = load("tiny-sd3")
+    with pytest.raises(SpecError, match="fbcache: not available for the sd3 family; supported: flux, wan"):
+        with accelerate(pipe, "fbcache"):
+            pass
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_no_state_leaks_between_calls(load, name):
     pipe = load(name)
-    spec_a, spec_b = "fbcache:threshold=0.5", "taylorseer:cache_interval=2,disable_cache_before_step=1"
+    spec_a, spec_b = SKIPPING[name], "taylorseer:cache_interval=2,disable_cache_before_step=1"
     with accelerate(pipe, spec_a):
         alone_a = run(pipe, name, cfg=True)
     with accelerate(pipe, spec_b):

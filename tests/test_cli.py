@@ -71,7 +71,8 @@ def test_bench_writes_json_markdown_and_grid(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = {r["spec"]: r for r in report["results"]}
     assert rows["baseline"]["psnr"] == 100.0 and rows["baseline"]["block_fraction_computed"] == 1.0
-    assert rows["fbcache"]["psnr"] == 100.0 and rows["fbcache"]["block_fraction_computed"] == 1.0
+    assert rows["fbcache:threshold=0.0"]["psnr"] == 100.0
+    assert rows["fbcache:threshold=0.0"]["block_fraction_computed"] == 1.0
     assert rows["fbcache:threshold=0.5"]["block_fraction_computed"] < 1.0
     assert rows["fbcache:threshold=0.5"]["psnr"] < 100.0
     assert "| spec | speedup" in (out / "report.md").read_text()

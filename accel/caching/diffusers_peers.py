@@ -11,7 +11,18 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+from diffusers.hooks import (
+    FirstBlockCacheConfig,
+    HookRegistry,
+    MagCacheConfig,
+    TaylorSeerCacheConfig,
+    apply_first_block_cache,
+    apply_mag_cache,
+    apply_taylorseer_cache,
+)
+from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_BLOCK_HOOK
+from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 from pydantic import Field
 
 from accel.apply import AccelSession
@@ -61,19 +72,58 @@ class MagCachePeerConfig(MethodConfig):
     calibrate: bool = Field(False, description="Skip nothing; log this model's magnitude ratios.")
 
 
-def _enable(session: AccelSession, config) -> MethodHandle:
+def _enable(session: AccelSession, apply_fn, config, hook_names: tuple[str, ...]) -> MethodHandle:
+    """Apply one of diffusers' caches with its own `apply_*` function (not every transformer has
+    `enable_cache`, e.g. SD3's lacks `CacheMixin`) and remove its hooks by name on exit."""
     transformer = session.transformer
-    transformer.enable_cache(config)
-    return MethodHandle(on_remove=transformer.disable_cache)
+    apply_fn(transformer, config)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+
+    def remove() -> None:
+        for name in hook_names:
+            registry.remove_hook(name, recurse=True)
+
+    return MethodHandle(on_remove=remove)
 
 
 def apply_fbcache(session: AccelSession, config: FBCacheConfig) -> MethodHandle:
-    return _enable(session, FirstBlockCacheConfig(threshold=config.threshold))
+    return _enable(
+        session,
+        apply_first_block_cache,
+        FirstBlockCacheConfig(threshold=config.threshold),
+        (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK),
+    )
+
+
+def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: dict) -> None:
+    """Count, for every module carrying `hook_name`, the calls it saw and the ones that ran the real forward.
+
+    TaylorSeer predicts attention / feed-forward outputs *inside* blocks, so block counts do not show its savings;
+    these module counts do, exactly.
+    """
+    counters.update(module_forwards_total=0, module_forwards_computed=0)
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook(hook_name) if registry is not None else None
+        if hook is None:
+            continue
+        ref = hook.fn_ref
+        ref.forward = _counting(ref.forward, counters, "module_forwards_total")
+        ref.original_forward = _counting(ref.original_forward, counters, "module_forwards_computed")
+
+
+def _counting(fn, counters: dict, key: str):
+    def wrapper(*args, **kwargs):
+        counters[key] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodHandle:
-    return _enable(
+    handle = _enable(
         session,
+        apply_taylorseer_cache,
         TaylorSeerCacheConfig(
             cache_interval=config.cache_interval,
             disable_cache_before_step=config.disable_cache_before_step,
@@ -82,7 +132,10 @@ def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodH
             taylor_factors_dtype=getattr(torch, config.factors_dtype),
             use_lite_mode=config.lite,
         ),
+        (_TAYLORSEER_CACHE_HOOK,),
     )
+    _count_hooked_calls(session.transformer, _TAYLORSEER_CACHE_HOOK, handle.counters)
+    return handle
 
 
 def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodHandle:
@@ -98,6 +151,7 @@ def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodH
     steps = session.plan.num_steps if session.plan and session.plan.num_steps else 28
     return _enable(
         session,
+        apply_mag_cache,
         MagCacheConfig(
             threshold=config.threshold,
             max_skip_steps=config.max_skip_steps,
@@ -106,9 +160,15 @@ def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodH
             mag_ratios=ratios,
             calibrate=config.calibrate,
         ),
+        (_MAG_CACHE_LEADER_BLOCK_HOOK, _MAG_CACHE_BLOCK_HOOK),
     )
 
 
-FBCACHE = Method("fbcache", FBCacheConfig, apply_fbcache, "diffusers First Block Cache (peer)", exclusive="cache")
+# diffusers' FBCache assumes every block returns both streams; SD3's last block (context_pre_only) returns None for
+# the text stream, which FBCache cannot difference, so it is offered on FLUX and Wan only.
+FBCACHE = Method(
+    "fbcache", FBCacheConfig, apply_fbcache, "diffusers First Block Cache (peer)", exclusive="cache",
+    families=("flux", "wan"),
+)
 TAYLORSEER = Method("taylorseer", TaylorSeerConfig, apply_taylorseer, "diffusers TaylorSeer (peer)", exclusive="cache")
 MAGCACHE = Method("magcache", MagCachePeerConfig, apply_magcache, "diffusers MagCache (peer)", exclusive="cache")
