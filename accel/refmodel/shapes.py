@@ -1,0 +1,382 @@
+"""Procedural "coloured shapes" text-to-image dataset.
+
+Why this exists: a small FLUX-architecture model trained on this data gives
+accelerator quality numbers that mean something (a scorer with no learned
+network, ``accel.refmodel.scorer``, can check prompt adherence exactly).
+
+Scenes are one or two axis-aligned shapes on a white background, described by
+captions from a tiny grammar::
+
+    a {color} {shape} {position}
+    a {color} {shape} {position} and a {color} {shape} {position}
+
+Geometry is resolution independent: ``cx``, ``cy`` (shape centre, which is the
+centre of its bounding box) and ``radius`` (half the side of its bounding
+box) are fractions of the image side, with y pointing down.  Every shape
+fills the square box ``[cx - r, cx + r] x [cy - r, cy + r]``: a circle of
+radius ``r``, a square of side ``2r``, or an upward triangle with base ``2r``
+and height ``2r``.
+
+Some (color, shape, position) triples (``HELDOUT_TRIPLES``) never appear in
+the training split, so a trained model can be tested on compositions it has
+not seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "COLORS",
+    "SHAPES",
+    "POSITIONS",
+    "ALL_TRIPLES",
+    "HELDOUT_TRIPLES",
+    "TRAIN_TRIPLES",
+    "POSITION_REGIONS",
+    "RADIUS_RANGE",
+    "ShapeSpec",
+    "Scene",
+    "parse_caption",
+    "make_caption",
+    "render",
+    "sample_scene",
+    "scene_from_triples",
+    "heldout_scenes",
+    "heldout_captions",
+    "ShapesDataset",
+]
+
+# Saturated colours with well separated hues (red 0 deg, yellow ~52, green
+# ~128, blue ~228) so a hue test tells them apart even after colour drift.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (225, 30, 30),
+    "green": (25, 170, 45),
+    "blue": (30, 70, 225),
+    "yellow": (245, 215, 25),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+POSITIONS: tuple[str, ...] = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
+BACKGROUND = (255, 255, 255)
+
+Triple = tuple[str, str, str]  # (color, shape, position)
+
+ALL_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLORS, SHAPES, POSITIONS))
+
+# 9 of the 60 triples (15%), hand-picked so that each is a *new composition*
+# of familiar parts: every colour (2-3x), shape (3x) and position (1-2x) is
+# held out only a few times, and no (colour, shape), (colour, position) or
+# (shape, position) pair is held out twice -- so each pair of attributes in a
+# held-out triple is still seen together in training.
+HELDOUT_TRIPLES: tuple[Triple, ...] = (
+    ("red", "circle", "on the left"),
+    ("green", "circle", "at the top"),
+    ("blue", "circle", "in the center"),
+    ("green", "square", "on the right"),
+    ("blue", "square", "at the bottom"),
+    ("yellow", "square", "at the top"),
+    ("blue", "triangle", "on the left"),
+    ("red", "triangle", "on the right"),
+    ("yellow", "triangle", "at the bottom"),
+)
+TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in ALL_TRIPLES if t not in HELDOUT_TRIPLES)
+
+# Where a shape's centre is drawn, as (x range, y range) in fractions of the
+# side.  Side regions stay near the middle of the other axis, so positions are
+# unambiguous: |offset from the centre| >= 0.20 on the named axis and <= 0.12 on
+# the other one; "in the center" is within 0.08 on both.  Ranges are further
+# clipped so that the whole shape stays inside the canvas (``_MARGIN``).
+POSITION_REGIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "on the left": ((0.0, 0.30), (0.38, 0.62)),
+    "on the right": ((0.70, 1.0), (0.38, 0.62)),
+    "at the top": ((0.38, 0.62), (0.0, 0.30)),
+    "at the bottom": ((0.38, 0.62), (0.70, 1.0)),
+    "in the center": ((0.42, 0.58), (0.42, 0.58)),
+}
+RADIUS_RANGE = (0.12, 0.22)  # half bounding-box side, fraction of the image side
+_MARGIN = 0.02  # min distance of a shape's box from the canvas edge
+_GAP = 0.06  # min gap between the boxes of two shapes (keeps blobs separate)
+_SUPERSAMPLE = 4
+
+_WORD = {"colors": "|".join(COLORS), "shapes": "|".join(SHAPES), "positions": "|".join(POSITIONS)}
+_PART_RE = rf"a ({_WORD['colors']}) ({_WORD['shapes']}) ({_WORD['positions']})"
+_CAPTION_RE = re.compile(rf"{_PART_RE}(?: and {_PART_RE})?")
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One shape: its words plus its geometry (fractions of the image side)."""
+
+    color: str
+    shape: str
+    position: str
+    cx: float
+    cy: float
+    radius: float
+
+    @property
+    def triple(self) -> Triple:
+        return (self.color, self.shape, self.position)
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the shape's bounding box."""
+        return (self.cx - self.radius, self.cy - self.radius, self.cx + self.radius, self.cy + self.radius)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A structured scene; ``caption`` is derived from the shapes, in order."""
+
+    shapes: tuple[ShapeSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shapes", tuple(self.shapes))
+
+    @property
+    def caption(self) -> str:
+        return make_caption([s.triple for s in self.shapes])
+
+    @property
+    def triples(self) -> list[Triple]:
+        return [s.triple for s in self.shapes]
+
+
+def make_caption(triples: Sequence[Triple]) -> str:
+    """Caption for one or two (color, shape, position) triples."""
+    if not 1 <= len(triples) <= 2:
+        raise ValueError(f"captions mention one or two shapes, got {len(triples)}")
+    for t in triples:
+        _check_triple(t)
+    return " and ".join(f"a {c} {s} {p}" for c, s, p in triples)
+
+
+def parse_caption(caption: str) -> list[Triple]:
+    """Inverse of :func:`make_caption`.
+
+    Case, surrounding/duplicate whitespace and one trailing full stop are
+    tolerated (prompts typed by hand); anything else outside the grammar
+    raises ValueError.  The grammar does not forbid two shapes at the same
+    position -- the dataset never produces that, but the scorer can still
+    judge such a prompt.
+    """
+    if not isinstance(caption, str):
+        raise ValueError(f"caption must be a string, got {type(caption).__name__}")
+    text = " ".join(caption.lower().split()).removesuffix(".").rstrip()
+    m = _CAPTION_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"caption outside the shapes grammar: {caption!r}")
+    g = m.groups()
+    parts = [tuple(g[0:3])]
+    if g[3] is not None:
+        parts.append(tuple(g[3:6]))
+    return parts  # type: ignore[return-value]
+
+
+def _check_triple(t: Triple) -> None:
+    c, s, p = t
+    if c not in COLORS or s not in SHAPES or p not in POSITIONS:
+        raise ValueError(f"unknown (color, shape, position): {t!r}")
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def render(scene: Scene, size: int = 128) -> Image.Image:
+    """Draw ``scene`` as a ``size`` x ``size`` RGB image.
+
+    Shapes are drawn at 4x and box-filtered down: exact area coverage gives
+    clean anti-aliased edges whose pixels are blends of the shape colour and
+    white only (no ringing halos of other hues for a model to learn).
+    """
+    if size < 16:
+        raise ValueError("size must be >= 16")
+    big = size * _SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        x0, y0, x1, y1 = (v * big for v in s.box)
+        fill = COLORS[s.color]
+        if s.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif s.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        elif s.shape == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:
+            raise ValueError(f"unknown shape {s.shape!r}")
+    return img.reduce(_SUPERSAMPLE)
+
+
+# ----------------------------------------------------------------- sampling
+
+
+def _sample_geometry(rng: np.random.Generator, positions: Sequence[str], max_tries: int = 1000):
+    """Centres and radii for shapes at ``positions``, boxes apart by ``_GAP``.
+
+    Rejection sampling; with two shapes, pairs such as left+center only fit
+    with smaller radii, so those scenes are biased towards small shapes.
+    """
+    for _ in range(max_tries):
+        geo = []
+        for pos in positions:
+            r = rng.uniform(*RADIUS_RANGE)
+            (xlo, xhi), (ylo, yhi) = POSITION_REGIONS[pos]
+            lo, hi = r + _MARGIN, 1.0 - r - _MARGIN
+            xlo, xhi, ylo, yhi = max(xlo, lo), min(xhi, hi), max(ylo, lo), min(yhi, hi)
+            geo.append((rng.uniform(xlo, xhi), rng.uniform(ylo, yhi), r))
+        if len(geo) < 2 or _boxes_apart(geo[0], geo[1]):
+            return geo
+    raise RuntimeError(f"could not place shapes at {positions}")
+
+
+def _boxes_apart(a, b) -> bool:
+    (ax, ay, ar), (bx, by, br) = a, b
+    return abs(ax - bx) >= ar + br + _GAP or abs(ay - by) >= ar + br + _GAP
+
+
+def scene_from_triples(rng: np.random.Generator, triples: Sequence[Triple]) -> Scene:
+    """A scene showing exactly ``triples`` (positions must differ), random geometry."""
+    if not 1 <= len(triples) <= 2:
+        raise ValueError("a scene has one or two shapes")
+    for t in triples:
+        _check_triple(t)
+    positions = [t[2] for t in triples]
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"shapes must be at different positions: {triples!r}")
+    geo = _sample_geometry(rng, positions)
+    return Scene(tuple(ShapeSpec(c, s, p, float(x), float(y), float(r)) for (c, s, p), (x, y, r) in zip(triples, geo)))
+
+
+def sample_scene(
+    rng: np.random.Generator, *, num_shapes: int, allowed: Iterable[Triple] | None = None
+) -> Scene:
+    """A random scene of ``num_shapes`` (1 or 2) shapes drawn from ``allowed`` triples.
+
+    Each triple is uniform over ``allowed`` (default: all 60); the second one is
+    re-drawn among those at a different position.
+    """
+    pool = list(ALL_TRIPLES if allowed is None else allowed)
+    if not pool:
+        raise ValueError("no allowed triples")
+    first = pool[rng.integers(len(pool))]
+    triples = [first]
+    if num_shapes == 2:
+        rest = [t for t in pool if t[2] != first[2]]
+        if not rest:
+            raise ValueError("allowed triples need two different positions for two-shape scenes")
+        triples.append(rest[rng.integers(len(rest))])
+    elif num_shapes != 1:
+        raise ValueError("num_shapes must be 1 or 2")
+    return scene_from_triples(rng, triples)
+
+
+def _heldout_scene(rng: np.random.Generator, num_shapes: int, first: Triple | None = None) -> Scene:
+    """A scene with at least one held-out triple, in random order."""
+    if first is None:
+        first = HELDOUT_TRIPLES[rng.integers(len(HELDOUT_TRIPLES))]
+    triples = [first]
+    if num_shapes == 2:
+        rest = [t for t in ALL_TRIPLES if t[2] != first[2]]
+        triples.append(rest[rng.integers(len(rest))])
+        if rng.random() < 0.5:
+            triples.reverse()
+    return scene_from_triples(rng, triples)
+
+
+def heldout_scenes(kind: str = "single", n: int = len(HELDOUT_TRIPLES), seed: int = 0) -> list[Scene]:
+    """Evaluation scenes built on ``HELDOUT_TRIPLES``.
+
+    ``kind="single"``: one held-out shape; the 9 triples are cycled in a
+    shuffled order, so every n >= 9 covers each of them evenly.
+    ``kind="double"``: one held-out shape plus any other shape at another
+    position (which may itself be held out), in random order.
+    """
+    if kind not in ("single", "double"):
+        raise ValueError("kind must be 'single' or 'double'")
+    rng = np.random.default_rng([seed, 7, 1 if kind == "single" else 2])
+    scenes = []
+    order: list[int] = []
+    for _ in range(n):
+        if not order:
+            order = list(rng.permutation(len(HELDOUT_TRIPLES)))
+        first = HELDOUT_TRIPLES[order.pop()]
+        scenes.append(_heldout_scene(rng, 1 if kind == "single" else 2, first))
+    return scenes
+
+
+def heldout_captions(kind: str = "single", n: int = len(HELDOUT_TRIPLES), seed: int = 0) -> list[str]:
+    """Captions of :func:`heldout_scenes` (render those for reference images)."""
+    return [s.caption for s in heldout_scenes(kind, n, seed)]
+
+
+# ------------------------------------------------------------------ dataset
+
+_SPLIT_CODES = {"train": 0, "heldout": 1}
+
+
+class ShapesDataset:
+    """Deterministic, generated-on-the-fly dataset of (image, caption) pairs.
+
+    ``ds[i]`` returns ``(np.ndarray uint8 of shape (size, size, 3), caption)``;
+    it depends only on (split, seed, i, size, two_shape_fraction), so the same
+    index always gives identical bytes, in any process or order.
+
+    ``split="train"``: every shape is a ``TRAIN_TRIPLES`` triple.
+    ``split="heldout"``: at least one shape is a ``HELDOUT_TRIPLES`` triple (for
+    evaluation only).  ``length`` is nominal (defaults 100_000 / 2_000): any
+    index >= 0 produces a valid sample, so larger datasets are just a bigger
+    ``length``.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 128,
+        seed: int = 0,
+        two_shape_fraction: float = 0.5,
+        length: int | None = None,
+    ) -> None:
+        if split not in _SPLIT_CODES:
+            raise ValueError(f"split must be one of {sorted(_SPLIT_CODES)}")
+        if not 0.0 <= two_shape_fraction <= 1.0:
+            raise ValueError("two_shape_fraction must be in [0, 1]")
+        self.split = split
+        self.size = int(size)
+        self.seed = int(seed)
+        self.two_shape_fraction = float(two_shape_fraction)
+        self.length = int(length if length is not None else (100_000 if split == "train" else 2_000))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        """The structured scene behind ``self[index]``."""
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
+        num_shapes = 2 if rng.random() < self.two_shape_fraction else 1
+        if self.split == "train":
+            return sample_scene(rng, num_shapes=num_shapes, allowed=TRAIN_TRIPLES)
+        return _heldout_scene(rng, num_shapes)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
+        scene = self.scene(index)
+        return np.asarray(render(scene, self.size), dtype=np.uint8), scene.caption
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        for i in range(self.length):
+            yield self[i]
+
+    def captions(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """Captions of a range of indices, without rendering (cheap)."""
+        stop = self.length if stop is None else stop
+        return [self.scene(i).caption for i in range(start, stop)]
