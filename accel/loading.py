@@ -184,11 +184,26 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool):
     if local and not (Path(source) / "model_index.json").is_file():
         raise ModelNotFoundError(f"model {source!r}: directory has no model_index.json (not a diffusers pipeline)")
     try:
-        return DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=local)
     except Exception as exc:  # noqa: BLE001 - hub, network and format errors all become one clear message
         where = "local directory" if local else "Hugging Face Hub (offline, or no such repository?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"model {source!r}: could not load from the {where}: {first_line}") from None
+    _own_memory(pipe)
+    return pipe
+
+
+def _own_memory(pipe) -> None:
+    """Copy memory-mapped weights into fresh, aligned memory.
+
+    safetensors files are mapped with 8-byte alignment; on CPU, MKL rounds some single-row matmuls differently on
+    weights that are not 16-byte aligned, so without the copy a reloaded pipeline can differ from the one saved in
+    the last bit, depending on the file's header length.
+    """
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in [*component.parameters(), *component.buffers()]:
+                tensor.data = tensor.data.clone()
 
 
 def _read_defaults(path: Path) -> ModelDefaults:
