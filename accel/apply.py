@@ -6,7 +6,8 @@ How one call runs:
 2. At the first denoiser call the tracker reads the call's plan from the scheduler (number of steps, timesteps,
    sigmas), puts a counting hook on every block (innermost, so it counts real block executions only) and applies
    the methods in the order `accel/methods.py` defines.
-3. At every denoiser call the tracker derives the step index and the CFG branch, also for pipelines that set no
+3. At every denoiser call the tracker runs the methods' call hooks (`add_call_hook`, for decisions per call
+   and for skipping the whole call) around the transformer's forward. It derives the step index and the CFG branch, also for pipelines that set no
    cache context (SD3, PixArt) or set one without step information (FLUX), and sets a full diffusers
    `CacheContext` for the duration of the call. So our hooks *and* diffusers' own caches find per-branch state
    keyed on the step index, on every pipeline.
@@ -19,8 +20,9 @@ whenever the timestep passed to the transformer changes (the cond and uncond cal
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -160,8 +162,11 @@ class _StepTrackerHook(ModelHook):
                 sigma=ctx.sigma,
             ),
         )
+        call = functools.partial(self.fn_ref.original_forward, *args, **kwargs)
+        for around in session.call_hooks:  # first registered = innermost
+            call = functools.partial(around, ctx, call)
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return call()
         finally:
             _set_cache_context(module, outer)
             session.current = None
@@ -219,6 +224,7 @@ class AccelSession:
         self.started = False
         self._methods = METHODS
         self._hooks: list[tuple[torch.nn.Module, str]] = []
+        self.call_hooks: list[Callable[[StepContext, Callable[[], Any]], Any]] = []
         self._handles: list[tuple[str, MethodHandle]] = []
         self._block_io: dict[type, BlockIO] = {}
         for config in configs:
@@ -233,6 +239,12 @@ class AccelSession:
         """Register a diffusers hook that the session removes on exit."""
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         self._hooks.append((module, name))
+
+    def add_call_hook(self, around: Callable[["StepContext", Callable[[], Any]], Any]) -> None:
+        """Wrap every denoiser call from now on: `around(ctx, call)` must return `call()`'s result or a stand-in
+        of the same structure (a denoiser-level cache returns an extrapolated output without calling). The
+        session's step context is set when it runs; hooks are dropped with the session."""
+        self.call_hooks.append(around)
 
     def block_io(self, block: torch.nn.Module) -> BlockIO:
         cls = type(block)
@@ -269,6 +281,7 @@ class AccelSession:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
         self._hooks.clear()
         self._handles.clear()
+        self.call_hooks.clear()
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
         registry.invalidate_child_registries_cache()
         _set_cache_context(self.transformer, None)

@@ -12,14 +12,16 @@ The step tracker is always outermost. Add a new method to `METHODS` at its place
 from __future__ import annotations
 
 from accel.base import Method
-from accel.caching import diffusers_peers
+from accel.caching import abcache, diffusers_peers, sortblock
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
+        sortblock.SORTBLOCK,
         diffusers_peers.FBCACHE,
         diffusers_peers.TAYLORSEER,
         diffusers_peers.MAGCACHE,
+        abcache.ABCACHE,
     )
 }
 

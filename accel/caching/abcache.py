@@ -1,0 +1,138 @@
+"""AB-Cache (arXiv 2504.10540): Adams-Bashforth extrapolation of cached denoiser outputs.
+
+The denoiser's output changes smoothly, nearly linearly, along the trajectory. On a skipped step no block runs;
+the output is extrapolated from the outputs of the last `order` computed steps:
+- spacing="binomial" (the authors): backward-difference weights sum_{j=1..k} (-1)^(j+1) C(k, j) f_{n-j}, which
+  treats the cached outputs as one step apart (k=2: 2 f0 - f1);
+- spacing="steps": Lagrange extrapolation over the step indices of the cached outputs to the current step;
+- spacing="sigmas": Lagrange extrapolation over the scheduler's noise levels sigma of those steps to the current
+  sigma: exact for outputs polynomial in sigma, and the natural variable on shifted FLUX/Wan schedules.
+On uniformly spaced history all three give the same weights.
+
+Refresh schedule (authors: warmup 5, interval 6 over 50 steps, i.e. 13 of 50 computed): a step i runs the
+transformer if i < warmup, or i >= steps - final, or i % interval == 0; otherwise it is extrapolated. Cached per
+CFG branch (the combine is linear, so this equals caching after it); SD3-style batched CFG caches the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import comb
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from accel.apply import AccelSession, StepContext
+from accel.base import Method, MethodConfig, MethodHandle
+
+
+class ABCacheConfig(MethodConfig):
+    """Knobs of AB-Cache. Defaults: the authors' schedule; spacing measured best (see docs/benchmarks.md)."""
+
+    method: Literal["abcache"] = "abcache"
+    order: int = Field(2, ge=1, le=4, description="Number of cached outputs extrapolated from (1 = plain reuse).")
+    warmup: int = Field(5, ge=0, le=1000, description="Leading steps always computed. Default 5.")
+    interval: int = Field(6, ge=1, le=1000, description="Step i computes when i % interval == 0. 1 = off. Default 6.")
+    final: int = Field(0, ge=0, le=1000, description="Trailing steps always computed. Default 0 (authors).")
+    spacing: Literal["sigmas", "steps", "binomial"] = Field(
+        "sigmas", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
+        "fixed binomial weights."
+    )
+
+
+def binomial_weights(order: int) -> list[float]:
+    """Weights of f_{n-1}, ..., f_{n-k} in the k-th order backward-difference extrapolation."""
+    return [float((-1) ** (j + 1) * comb(order, j)) for j in range(1, order + 1)]
+
+
+def lagrange_weights(points: list[float], target: float) -> list[float]:
+    """Weights w_j with sum_j w_j f(points[j]) = p(target), p the polynomial through the points."""
+    weights = []
+    for j, xj in enumerate(points):
+        w = 1.0
+        for m, xm in enumerate(points):
+            if m != j:
+                w *= (target - xm) / (xj - xm)
+        weights.append(w)
+    return weights
+
+
+def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
+    return step < config.warmup or step >= num_steps - config.final or step % config.interval == 0
+
+
+@dataclass
+class _History:
+    """Cached outputs of one CFG branch, newest last."""
+
+    steps: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    wrap: Any = None  # rebuilds the transformer's return structure around a tensor
+
+
+def _unwrap(output: Any) -> tuple[torch.Tensor, Any]:
+    """(sample tensor, function rebuilding the same structure) for the transformer's output."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple):
+        return output[0], lambda t: (t, *output[1:])
+    sample = output.sample
+    cls = type(output)
+    return sample, lambda t: cls(sample=t)
+
+
+class _ABCacheCall:
+    def __init__(self, config: ABCacheConfig, counters: dict[str, Any]):
+        self.config, self.counters = config, counters
+        self.histories: dict[str, _History] = {}
+
+    def _time(self, ctx: StepContext) -> float:
+        if self.config.spacing == "sigmas" and ctx.sigma is not None:
+            return float(ctx.sigma)
+        return float(ctx.step_index)
+
+    def __call__(self, ctx: StepContext, call):
+        history = self.histories.setdefault(ctx.branch, _History())
+        num_steps = ctx.num_steps or (ctx.step_index + 1)
+        if should_compute(self.config, ctx.step_index, num_steps) or not history.outputs:
+            output = call()
+            sample, history.wrap = _unwrap(output)
+            history.steps.append(ctx.step_index)
+            history.times.append(self._time(ctx))
+            history.outputs.append(sample)
+            del history.steps[: -self.config.order], history.times[: -self.config.order]
+            del history.outputs[: -self.config.order]
+            self.counters["computed_calls"] += 1
+            return output
+        self.counters["extrapolated_calls"] += 1
+        return history.wrap(self.extrapolate(history, ctx))
+
+    def extrapolate(self, history: _History, ctx: StepContext) -> torch.Tensor:
+        k = len(history.outputs)
+        if self.config.spacing == "binomial":
+            weights = binomial_weights(k)  # f_{n-1} first
+            newest_first = list(reversed(history.outputs))
+        else:
+            weights = lagrange_weights(history.times, self._time(ctx))
+            newest_first = history.outputs
+            if len(set(history.times)) < k:  # repeated time values (no sigma progress): plain reuse
+                return history.outputs[-1]
+        result = torch.zeros_like(newest_first[0], dtype=torch.float32)
+        for w, f in zip(weights, newest_first):
+            result = result + w * f.float()
+        return result.to(history.outputs[-1].dtype)
+
+
+def apply_abcache(session: AccelSession, config: ABCacheConfig) -> MethodHandle:
+    counters: dict[str, Any] = {"computed_calls": 0, "extrapolated_calls": 0}
+    session.add_call_hook(_ABCacheCall(config, counters))
+    return MethodHandle(counters=counters)
+
+
+ABCACHE = Method(
+    "abcache", ABCacheConfig, apply_abcache,
+    "AB-Cache: Adams-Bashforth extrapolation of cached denoiser outputs (arXiv 2504.10540)",
+    exclusive="cache",
+)
