@@ -33,6 +33,7 @@ from accel.base import MethodConfig, MethodHandle
 from accel.errors import SpecError
 
 TRACKER_HOOK = "accel_step_tracker"
+_UNSET = object()
 COUNTER_HOOK = "accel_block_counter"
 
 
@@ -223,9 +224,14 @@ class AccelSession:
         self.current: StepContext | None = None
         self.started = False
         self._methods = METHODS
-        self._hooks: list[tuple[torch.nn.Module, str]] = []
+        self._undo: list[Callable[[], None]] = []  # removals, in installation order; run in reverse on exit
+        # the instance-level `forward` of the transformer and every block, restored on exit whatever a peer
+        # library did (cache-dit's FLUX support replaces transformer.forward and does not put it back)
+        self._forwards = {m: m.__dict__.get("forward", _UNSET) for m in (self.transformer, *self._all_blocks())}
+        # and the order of its children: cache-dit re-inserts the block lists, which moves them to the end, and
+        # diffusers' caches take the "first block" in that order
+        self._children = list(self.transformer._modules.items())
         self.call_hooks: list[Callable[[StepContext, Callable[[], Any]], Any]] = []
-        self._handles: list[tuple[str, MethodHandle]] = []
         self._block_io: dict[type, BlockIO] = {}
         for config in configs:
             families = METHODS[config.method].families
@@ -237,8 +243,9 @@ class AccelSession:
     # -- hooks -----------------------------------------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
         """Register a diffusers hook that the session removes on exit."""
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
-        self._hooks.append((module, name))
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, name)
+        self._undo.append(lambda: registry.remove_hook(name, recurse=False))
 
     def add_call_hook(self, around: Callable[["StepContext", Callable[[], Any]], Any]) -> None:
         """Wrap every denoiser call from now on: `around(ctx, call)` must return `call()`'s result or a stand-in
@@ -252,6 +259,9 @@ class AccelSession:
             self._block_io[cls] = BlockIO(block)
         return self._block_io[cls]
 
+    def _all_blocks(self) -> list[torch.nn.Module]:
+        return [block for blocks in self.stacks.values() for block in blocks]
+
     def blocks(self) -> Iterator[tuple[str, int, torch.nn.Module]]:
         """(stack, index, block) for every block, in execution order."""
         for stack, blocks in self.stacks.items():
@@ -260,7 +270,15 @@ class AccelSession:
 
     # -- life cycle ------------------------------------------------------------------------------------------
     def attach(self) -> None:
+        for config in self.configs:  # methods that must wrap the pipeline call itself go on before it starts
+            if self._methods[config.method].at_attach:
+                self._apply(config)
         self.add_hook(self.transformer, _StepTrackerHook(self), TRACKER_HOOK)
+
+    def _apply(self, config: MethodConfig) -> None:
+        handle = self._methods[config.method].apply(self, config)
+        self._undo.append(handle.remove)
+        self.report.details[config.method] = handle.counters
 
     def start(self) -> None:
         """First denoiser call: read the plan, count blocks, apply the methods (inner hooks first)."""
@@ -269,19 +287,22 @@ class AccelSession:
         for stack, _, block in self.blocks():
             self.add_hook(block, _BlockCounterHook(self.report, stack), COUNTER_HOOK)
         for config in self.configs:
-            handle = self._methods[config.method].apply(self, config)
-            self._handles.append((config.method, handle))
-            self.report.details[config.method] = handle.counters
+            if not self._methods[config.method].at_attach:
+                self._apply(config)
         HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
 
     def detach(self) -> None:
-        for _, handle in reversed(self._handles):
-            handle.remove()
-        for module, name in reversed(self._hooks):
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
-        self._hooks.clear()
-        self._handles.clear()
+        while self._undo:
+            self._undo.pop()()
         self.call_hooks.clear()
+        if list(self.transformer._modules.items()) != self._children:
+            self.transformer._modules.clear()
+            self.transformer._modules.update(self._children)
+        for module, forward in self._forwards.items():
+            if forward is _UNSET:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = forward
         registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
         registry.invalidate_child_registries_cache()
         _set_cache_context(self.transformer, None)
@@ -302,8 +323,8 @@ def accelerate(pipe: Any, spec: Any = None) -> Iterator[AccelReport]:
 
     configs = parse_spec(spec)
     session = AccelSession(pipe, configs)
-    session.attach()
     try:
+        session.attach()
         yield session.report
     finally:
         session.detach()

@@ -69,3 +69,4 @@ class Method:
     summary: str
     exclusive: str | None = None
     families: tuple[str, ...] | None = None  # None: every family an adapter covers
+    at_attach: bool = False  # apply when the `accelerate` block is entered (methods that patch the pipeline call)

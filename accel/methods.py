@@ -12,7 +12,7 @@ The step tracker is always outermost. Add a new method to `METHODS` at its place
 from __future__ import annotations
 
 from accel.base import Method
-from accel.caching import abcache, diffusers_peers, sortblock
+from accel.caching import abcache, cachedit_peer, diffusers_peers, sortblock
 
 METHODS: dict[str, Method] = {
     method.name: method
@@ -21,6 +21,7 @@ METHODS: dict[str, Method] = {
         diffusers_peers.FBCACHE,
         diffusers_peers.TAYLORSEER,
         diffusers_peers.MAGCACHE,
+        cachedit_peer.DBCACHE,
         abcache.ABCACHE,
     )
 }

@@ -10,9 +10,11 @@ from helpers import registries_empty, run
 FAMILIES = ["tiny-flux", "tiny-wan", "tiny-sd3"]
 # specs that must skip nothing and so be bit-identical to the plain pipeline
 NO_SKIP_SPECS = {
-    "tiny-flux": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
-    "tiny-wan": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
-    "tiny-sd3": [[], "off", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true"],
+    "tiny-flux": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000",
+                  "magcache:calibrate=true", "dbcache:Fn=1,threshold=0"],
+    "tiny-wan": [[], "off", "fbcache:threshold=0", "taylorseer:disable_cache_before_step=1000",
+                 "magcache:calibrate=true", "dbcache:Fn=1,threshold=0"],
+    "tiny-sd3": [[], "off", "taylorseer:disable_cache_before_step=1000", "magcache:calibrate=true", "dbcache:Fn=1,threshold=0"],
 }
 # a spec that skips blocks on every family
 SKIPPING = {"tiny-flux": "fbcache:threshold=1.0", "tiny-wan": "fbcache:threshold=1.0",
@@ -102,6 +104,31 @@ def test_no_state_leaks_between_calls(load, name):
     assert np.array_equal(alone_a, again_a)
     assert np.array_equal(alone_b, again_b)
     assert np.array_equal(run(pipe, name, cfg=True), run(pipe, name, cfg=True))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cache_dit_peer_skips_and_restores(load, name):
+    pipe = load(name)
+    children, forward = list(pipe.transformer._modules.items()), pipe.transformer.__dict__.get("forward")
+    plain = run(pipe, name, cfg=True, num_inference_steps=10)
+    with accelerate(pipe, "dbcache:Fn=1,threshold=0.5,warmup_steps=3") as report:
+        out = run(pipe, name, cfg=True, num_inference_steps=10)
+    # cache-dit reorders the transformer's children and replaces its forward; the session puts both back
+    assert list(pipe.transformer._modules.items()) == children
+    assert pipe.transformer.__dict__.get("forward") == forward
+    assert report.block_fraction_computed < 1.0
+    assert not np.array_equal(plain, out)
+    assert np.array_equal(plain, run(pipe, name, cfg=True, num_inference_steps=10))
+
+
+def test_cache_dit_knobs_checked_against_the_model(load):
+    pipe = load("tiny-flux")
+    plain = run(pipe, "tiny-flux")
+    with pytest.raises(SpecError, match="dbcache.Fn: Fn \\+ Bn \\(8 \\+ 0\\) must be less than the 2 blocks"):
+        with accelerate(pipe, "dbcache"):
+            run(pipe, "tiny-flux")
+    assert registries_empty(pipe.transformer)
+    assert np.array_equal(plain, run(pipe, "tiny-flux"))
 
 
 def test_hooks_removed_even_when_the_call_fails(load):
