@@ -208,10 +208,11 @@ class StepTracker:
 class AccelSession:
     """The state of one accelerated pipeline call: pipeline, adapter, plan, hooks, report."""
 
-    def __init__(self, pipe: Any, configs: list[MethodConfig]):
+    def __init__(self, pipe: Any, configs: list[MethodConfig], seed: int | None = None):
         from accel.methods import METHODS
 
         self.pipe = pipe
+        self.seed = seed  # the request's seed, for methods that draw random numbers (reproducible requests)
         self.transformer: torch.nn.Module = pipe.transformer
         self.adapter: ModelAdapter = adapter_for(pipe)
         self.configs = configs
@@ -309,7 +310,7 @@ class AccelSession:
 
 
 @contextlib.contextmanager
-def accelerate(pipe: Any, spec: Any = None) -> Iterator[AccelReport]:
+def accelerate(pipe: Any, spec: Any = None, *, seed: int | None = None) -> Iterator[AccelReport]:
     """Apply the accelerators of `spec` to the next call(s) of `pipe` inside the block; yield the live report.
 
         with accelerate(pipe, "fbcache:threshold=0.1") as report:
@@ -318,11 +319,12 @@ def accelerate(pipe: Any, spec: Any = None) -> Iterator[AccelReport]:
 
     `spec` is anything `accel.spec.parse_spec` takes: None or [] (no acceleration), a config, a dict, JSON, a
     `method:key=value` shorthand, a preset name, or a list of those. Use one `with` block per pipeline call.
+    `seed` is the request's seed: methods that draw random numbers use it, so a request is reproducible.
     """
     from accel.spec import parse_spec
 
     configs = parse_spec(spec)
-    session = AccelSession(pipe, configs)
+    session = AccelSession(pipe, configs, seed=seed)
     try:
         session.attach()
         yield session.report

@@ -127,7 +127,7 @@ def generate(
     kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     kwargs["output_type"] = "np"
     start = time.perf_counter()
-    with torch.inference_mode(), accelerate(pipe, accel) as report:
+    with torch.inference_mode(), accelerate(pipe, accel, seed=params.seed) as report:
         output = pipe(**kwargs)
     seconds = time.perf_counter() - start
     adapter = adapter_for(pipe)

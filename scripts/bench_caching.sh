@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Speed/fidelity sweep of the caching methods against diffusers' and cache-dit's caches, interleaved in one run.
+# Usage: bash scripts/bench_caching.sh MODEL OUT_DIR [extra accel-bench args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:-bench-flux}; OUT=${2:-out/bench-caching-$MODEL}; shift 2 || true
+export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1
+.venv/bin/accel bench --model "$MODEL" --prompts "${PROMPTS:-out/prompts.txt}" --seeds 1 --out "$OUT" \
+  --accel "sortblock:K=3,beta=0.1" --accel "sortblock" --accel "sortblock:K=5,beta=0.1" --accel "sortblock:K=8,beta=0.1" \
+  --accel "abcache" --accel "abcache:spacing=steps" --accel "abcache:spacing=binomial" \
+  --accel "abcache:interval=4" --accel "abcache:order=3" \
+  --accel "fbcache:threshold=0.05" --accel "fbcache:threshold=0.1" --accel "fbcache:threshold=0.2" \
+  --accel "taylorseer" --accel "taylorseer:cache_interval=3" \
+  --accel "magcache" --accel "magcache:threshold=0.12" \
+  --accel "dbcache:Fn=1,threshold=0.08" --accel "dbcache:Fn=1,threshold=0.2" \
+  "$@"
