@@ -14,6 +14,9 @@ EXAMPLES = """examples:
   accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
   accel make-model tiny-flux ./tiny-flux-dir      # a standard diffusers directory
   accel methods                                   # accelerators, their knobs and presets
+  accel prune calibrate --model bench-flux --prompts prompts.txt --out plan.json
+  accel generate --model bench-flux --prune-plan plan.json --prune-ratio 0.2 --prompt "a red circle" --out p.png
+  accel serve --port 8000                         # the HTTP server on the default model
 """
 
 
@@ -23,6 +26,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="compile each transformer block (torch.compile)")
     parser.add_argument("--attention-backend", default=None, help="diffusers attention backend (default: native SDPA)")
+
+
+def _add_prune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prune-plan", default=None, help="plan file from `accel prune calibrate`: remove blocks at load")
+    parser.add_argument("--prune-ratio", type=float, default=0.0, help="with --prune-plan: fraction of blocks removed")
 
 
 def _add_generation_args(parser: argparse.ArgumentParser, *, prompt_required: bool) -> None:
@@ -48,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate one image (PNG) or video (MP4)", epilog=EXAMPLES,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(gen)
+    _add_prune_args(gen)
     _add_generation_args(gen, prompt_required=True)
     gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
     gen.add_argument("--accel", default=None,
@@ -58,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="compare specs with the baseline: speed ratio, work, PSNR/SSIM",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
     _add_model_args(bench)
+    _add_prune_args(bench)
     _add_generation_args(bench, prompt_required=False)
     bench.add_argument("--accel", action="append", default=[], required=True,
                        help="a spec to compare (repeat the flag for several)")
@@ -70,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("name", help="built-in model name (see `accel models`)")
     make.add_argument("dir", help="target directory")
 
+    srv = sub.add_parser("serve", help="run the HTTP server (OpenAI-style images and videos API)")
+    srv.add_argument("--config", default=None, help="settings file (YAML, TOML or JSON); env vars ACCEL_* also apply")
+    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=None, help="port (default 8000)")
+
+    prune = sub.add_parser("prune", help="block pruning: calibrate a plan (block scores and removal order)")
+    prune_sub = prune.add_subparsers(dest="prune_command", required=True, metavar="SUBCOMMAND")
+    cal = prune_sub.add_parser("calibrate", help="score every transformer block; write a plan file (JSON)")
+    _add_model_args(cal)
+    cal.add_argument("--prompts", required=True, help="file with one calibration prompt per line")
+    cal.add_argument("--out", required=True, help="plan file to write (JSON)")
+    cal.add_argument("--steps", type=int, default=8, help="denoising steps per calibration run (default 8)")
+    cal.add_argument("--seeds", type=int, default=1, help="seeds per prompt (default 1)")
+    cal.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    cal.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    cal.add_argument("--no-drop-one", action="store_true", help="skip the drop-one score (one run per block)")
+
     sub.add_parser("models", help="list the built-in models")
     sub.add_parser("methods", help="list accelerators (with their knobs) and presets")
     return parser
@@ -79,7 +106,8 @@ def _load(args):
     from accel.loading import load_pipeline
 
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
-                         attention_backend=args.attention_backend, progress=True)
+                         attention_backend=args.attention_backend, progress=True,
+                         prune_plan=getattr(args, "prune_plan", None), prune_ratio=getattr(args, "prune_ratio", 0.0))
 
 
 def _params(args, **extra) -> dict:
@@ -151,6 +179,38 @@ def cmd_make_model(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from server.app import serve
+    from server.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def cmd_prune(args) -> int:
+    from accel.pruning.importance import calibrate
+
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts or args.steps < 1 or args.seeds < 1:
+        raise SystemExit("error: need at least one prompt in --prompts, --steps >= 1 and --seeds >= 1")
+    pipe = _load(args)
+    pipe.set_progress_bar_config(disable=True)
+    size = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    try:
+        plan = calibrate(pipe, prompts, steps=args.steps, seeds=args.seeds, drop_one=not args.no_drop_one, **size)
+    except KeyboardInterrupt:
+        print("interrupted: no plan written", file=sys.stderr)
+        return 130
+    path = plan.save(args.out)
+    order = plan.to_dict()["order"]
+    print(f"wrote {path} (recommended order by {plan.recommended}: {', '.join(order)})")
+    return 0
+
+
 def cmd_models(args) -> int:
     from accel.loading import builtin_models
 
@@ -178,6 +238,8 @@ COMMANDS = {
     "generate": cmd_generate,
     "bench": cmd_bench,
     "make-model": cmd_make_model,
+    "serve": cmd_serve,
+    "prune": cmd_prune,
     "models": cmd_models,
     "methods": cmd_methods,
 }

@@ -69,24 +69,33 @@ class GenerationResult:
         return self.images
 
 
-def pipeline_kwargs(pipe: Any, params: GenerationParams) -> dict[str, Any]:
-    """The pipeline call's keyword arguments for `params`, with the model's defaults filled in and checked."""
+def batch_key(params: GenerationParams) -> tuple:
+    """Requests with equal keys can run in one pipeline call: all knobs shared by a call except prompts and seeds."""
+    return (params.num_inference_steps, params.guidance_scale, params.true_cfg_scale, params.height, params.width,
+            params.num_frames, params.negative_prompt is not None)
+
+
+def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
+    """The pipeline call's keyword arguments for one or more compatible requests (see `batch_key`), with the
+    model's defaults filled in and checked. Each output image gets its own generator, seeded `seed + i` for the
+    request's i-th output, so an image's noise does not depend on what else is in the batch."""
+    if len({batch_key(p) for p in batch}) != 1:
+        raise GenerationParamsError("requests in one batch must share size, steps, guidance and frames")
+    params = batch[0]
     adapter = adapter_for(pipe)
     defaults = getattr(pipe, "accel_defaults", None)
     accepted = set(inspect.signature(type(pipe).__call__).parameters)
-    values = params.model_dump(exclude_none=True)
+    values = params.model_dump(exclude_none=True, exclude={"prompt", "negative_prompt", "num_outputs", "seed"})
     kwargs: dict[str, Any] = dict(getattr(defaults, "extra", None) or {})
     for name in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
         if name not in values and defaults is not None and getattr(defaults, name) is not None:
             values[name] = getattr(defaults, name)
-    num_outputs = values.pop("num_outputs")
-    seed = values.pop("seed")
+    if params.negative_prompt is not None and "negative_prompt" not in accepted:
+        raise GenerationParamsError(f"negative_prompt: not supported by {type(pipe).__name__}")
     for name, value in values.items():
         if name not in accepted:
             raise GenerationParamsError(f"{name}: not supported by {type(pipe).__name__} ({adapter.family} family)")
         kwargs[name] = value
-    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
-    kwargs[per_prompt] = num_outputs
     multiple = adapter.size_multiple(pipe)
     for name in ("height", "width"):
         if name in kwargs and kwargs[name] % multiple:
@@ -97,7 +106,18 @@ def pipeline_kwargs(pipe: Any, params: GenerationParams) -> dict[str, Any]:
             raise GenerationParamsError(
                 f"num_frames: {kwargs['num_frames']} must be {temporal}k+1 for this model (e.g. {temporal + 1})"
             )
-    kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
+    prompts, negatives, generators = [], [], []
+    for request in batch:
+        for i in range(request.num_outputs):
+            prompts.append(request.prompt)
+            negatives.append(request.negative_prompt or "")
+            generators.append(torch.Generator(device="cpu").manual_seed(request.seed + i))
+    kwargs["prompt"] = prompts
+    if params.negative_prompt is not None:
+        kwargs["negative_prompt"] = negatives
+    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
+    kwargs[per_prompt] = 1
+    kwargs["generator"] = generators
     return kwargs
 
 
@@ -108,12 +128,24 @@ def generate(
     *,
     on_step: Callable[[int, int], bool | None] | None = None,
 ) -> GenerationResult:
-    """Run one pipeline call under `accelerate(pipe, accel)`.
+    """Run one request under `accelerate(pipe, accel)`.
 
     on_step(step, total) is called after every denoising step; returning False interrupts the pipeline
     (diffusers' `_interrupt`), so a cancelled request frees the device within one step.
     """
-    kwargs = pipeline_kwargs(pipe, params)
+    return generate_batch(pipe, [params], accel, on_step=on_step)[0]
+
+
+def generate_batch(
+    pipe: Any,
+    batch: list[GenerationParams],
+    accel: Any = None,
+    *,
+    on_step: Callable[[int, int], bool | None] | None = None,
+) -> list[GenerationResult]:
+    """Run compatible requests (equal `batch_key`) in one pipeline call; one result per request, in order.
+    The accelerator report and the time are the batch's."""
+    kwargs = pipeline_kwargs(pipe, batch)
     total = kwargs.get("num_inference_steps") or 0
     captured: dict[str, torch.Tensor] = {}
 
@@ -127,21 +159,25 @@ def generate(
     kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     kwargs["output_type"] = "np"
     start = time.perf_counter()
-    with torch.inference_mode(), accelerate(pipe, accel, seed=params.seed) as report:
+    with torch.inference_mode(), accelerate(pipe, accel, seed=batch[0].seed) as report:
         output = pipe(**kwargs)
     seconds = time.perf_counter() - start
-    adapter = adapter_for(pipe)
-    images = videos = None
-    if adapter.task == "text-to-video":
-        videos = np.asarray(output.frames, dtype=np.float32)
-    else:
-        images = np.asarray(output.images, dtype=np.float32)
+    video = adapter_for(pipe).task == "text-to-video"
+    frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
+    latents = captured.get("latents")
     shown = {k: v for k, v in kwargs.items() if not callable(v) and not isinstance(v, (torch.Generator, list))}
-    return GenerationResult(
-        images=images,
-        videos=videos,
-        latents=captured.get("latents"),
-        seconds=seconds,
-        report=report.as_dict(),
-        kwargs=shown,
-    )
+    results, offset = [], 0
+    for request in batch:
+        part = slice(offset, offset + request.num_outputs)
+        offset += request.num_outputs
+        results.append(
+            GenerationResult(
+                images=None if video else frames[part],
+                videos=frames[part] if video else None,
+                latents=None if latents is None else latents[part],
+                seconds=seconds,
+                report=report.as_dict(),
+                kwargs=shown,
+            )
+        )
+    return results

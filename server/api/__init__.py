@@ -1,0 +1,1 @@
+"""HTTP API: protocol schemas (`schemas`), error format (`errors`) and routes (`routes`)."""

@@ -1,0 +1,248 @@
+"""Admission, queue, batching and deadlines.
+
+- Admission: at most `queue_size` requests wait; beyond that `QueueFull` (the route answers 429 with
+  Retry-After at once). While draining, nothing is admitted.
+- Batching: the oldest waiting request opens a batch; requests with the same model, generation knobs (size,
+  steps, guidance, frames) and acceleration spec join it, up to `max_batch_size`, waiting at most
+  `max_batch_wait_ms` after the oldest arrived. Incompatible requests are never mixed.
+- Deadlines and cancellation: polled after every denoising step; a batch whose requests are all cancelled or
+  past their deadline is interrupted, so the device is free within one step.
+- Failures: a failed batch of several requests is retried one by one, so a bad request fails alone; an
+  out-of-memory error fails the batch with 503 after freeing device memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from accel.errors import AccelError
+from accel.generate import GenerationParams, GenerationResult, batch_key
+
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import ServerSettings
+
+log = logging.getLogger("accel.server")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Draining(Exception):
+    pass
+
+
+class Cancelled(Exception):
+    pass
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+@dataclass
+class WorkItem:
+    model: str
+    params: GenerationParams
+    accel: Any  # validated spec as JSON-able data (compared for batching)
+    deadline: float  # time.monotonic()
+    kind: str = "image"
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+    on_progress: Callable[[int, int], None] | None = None
+    on_start: Callable[[], None] | None = None
+    future: asyncio.Future | None = None
+    batch_size: int = 0
+    last_step: int = 0  # denoising steps finished so far (polled by the worker after each step)
+    cancel_step: int | None = None  # `last_step` when the cancel arrived: the worker stops at most one step later
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.kind, batch_key(self.params), json.dumps(self.accel, sort_keys=True))
+
+    def expired(self, now: float | None = None) -> bool:
+        return (now or time.monotonic()) > self.deadline
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError"
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, settings: ServerSettings, metrics: Metrics):
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.pending: list[WorkItem] = []
+        self.running: list[WorkItem] = []
+        self.draining = False
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._task: asyncio.Task | None = None
+
+    # -- admission -------------------------------------------------------------------------------------------
+    def submit(self, item: WorkItem) -> asyncio.Future:
+        if self.draining:
+            self.metrics.rejected.inc()
+            raise Draining()
+        if len(self.pending) >= self.settings.queue_size:
+            self.metrics.rejected.inc()
+            raise QueueFull()
+        item.future = asyncio.get_running_loop().create_future()
+        self.pending.append(item)
+        self.metrics.queue_depth.set(len(self.pending))
+        self._arrived.set()
+        return item.future
+
+    def cancel(self, item: WorkItem) -> None:
+        """Cancel a waiting or running item; a running batch stops at the next step if nothing in it is left."""
+        item.cancelled = True
+        item.cancel_step = item.last_step
+        if item in self.pending:
+            self.pending.remove(item)
+            self.metrics.queue_depth.set(len(self.pending))
+            self._finish(item, exc=Cancelled())
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, grace: float) -> None:
+        """Stop admission, let queued and running work finish for up to `grace` seconds, cancel the rest."""
+        self.draining = True
+        end = time.monotonic() + grace
+        while (self.pending or self.running) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        for item in list(self.pending) + list(self.running):
+            self.cancel(item)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[WorkItem]:
+        while True:
+            self._drop_dead()
+            if not self.pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self.pending[0]
+            batch = [item for item in self.pending if item.key == head.key][: self.settings.max_batch_size]
+            wait = head.enqueued + self.settings.max_batch_wait_ms / 1000 - time.monotonic()
+            if len(batch) < self.settings.max_batch_size and wait > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            for item in batch:
+                self.pending.remove(item)
+            self.metrics.queue_depth.set(len(self.pending))
+            return batch
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for item in list(self.pending):
+            if item.expired(now):
+                self.pending.remove(item)
+                self._finish(item, exc=DeadlineExceeded())
+        self.metrics.queue_depth.set(len(self.pending))
+
+    async def _run(self, batch: list[WorkItem]) -> None:
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for item in batch:
+            item.started, item.batch_size = now, len(batch)
+            self.metrics.queue_seconds.observe(now - item.enqueued)
+            if item.on_start:
+                item.on_start()
+        self.running = list(batch)
+        self.metrics.running.set(len(batch))
+        self.metrics.batch_size.observe(len(batch))
+
+        def should_stop(step: int) -> bool:
+            for item in batch:
+                item.last_step = step
+                if item.on_progress:
+                    item.on_progress(step, 0)
+            return all(item.cancelled or item.expired() for item in batch)
+
+        head = batch[0]
+        try:
+            results, record = await loop.run_in_executor(
+                self._executor, self.engine.run, head.model, [i.params for i in batch], head.accel, should_stop
+            )
+        except Exception as exc:  # noqa: BLE001 - sorted below: OOM, one-by-one retry, or the item's own error
+            self.running = []
+            self.metrics.running.set(0)
+            if _is_oom(exc):
+                self.engine.free_device_memory()
+                for item in batch:
+                    self._finish(item, exc=OutOfMemory(str(exc)))
+            elif len(batch) > 1:
+                log.warning('{"event": "batch_failed_retrying_alone", "size": %d, "error": %s}', len(batch),
+                            json.dumps(str(exc)))
+                for item in batch:
+                    await self._run([item])
+            else:
+                self._finish(head, exc=exc)
+            return
+        self.running = []
+        self.metrics.running.set(0)
+        self.metrics.run_seconds.labels(head.model).observe(results[0].seconds)
+        self._observe_acceleration(results[0])
+        for item, result in zip(batch, results):
+            if item.cancelled:
+                self._finish(item, exc=Cancelled())
+            elif item.expired():
+                self._finish(item, exc=DeadlineExceeded())
+            else:
+                self._finish(item, result=result)
+
+    def _observe_acceleration(self, result: GenerationResult) -> None:
+        report = result.report
+        fraction = report.get("block_fraction_computed", 1.0)
+        for method in report.get("methods", []) or ["off"]:
+            name = method.split(":")[0]
+            self.metrics.block_skip_ratio.labels(name).observe(1.0 - fraction)
+            if 0 < fraction < 1:
+                self.metrics.time_saved.labels(name).inc(result.seconds * (1 - fraction) / fraction)
+
+    def _finish(self, item: WorkItem, *, result: GenerationResult | None = None, exc: BaseException | None = None):
+        item.finished = time.monotonic()
+        if item.future is None or item.future.done():
+            return
+        if exc is not None:
+            if isinstance(exc, AccelError):
+                self.metrics.errors.labels("invalid_request").inc()
+            elif not isinstance(exc, Cancelled):
+                self.metrics.errors.labels(type(exc).__name__).inc()
+            item.future.set_exception(exc)
+        else:
+            item.future.set_result(result)

@@ -1,0 +1,110 @@
+"""Server settings: environment variables (prefix `ACCEL_`, nested with `__`) and an optional YAML/TOML file,
+validated at start-up. A bad setting stops the server with a message naming it.
+
+    ACCEL_QUEUE_SIZE=64 ACCEL_API_KEYS='["secret"]' accel serve --config server.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "tiny-flux"
+
+
+class ModelSettings(BaseModel):
+    """One model the server loads at start-up. Requests can only name configured ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][\w.-]*$")
+    source: str = Field(..., description="built-in name, local diffusers directory, or hub id")
+    dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: by device)")
+    default_preset: str = Field("off", description="acceleration when a request gives none")
+    prune_plan: str | None = Field(None, description="pruning plan file applied at load")
+    prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    compile: bool = False
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ACCEL_", env_nested_delimiter="__", extra="forbid")
+
+    models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings(id=DEFAULT_MODEL, source=DEFAULT_MODEL)])
+    device: str | None = Field(None, description="cpu, cuda, cuda:0 (default: cuda if present)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    queue_size: int = Field(32, ge=1, le=100000, description="requests waiting (not running) before 429")
+    max_batch_size: int = Field(4, ge=1, le=64)
+    max_batch_wait_ms: float = Field(10.0, ge=0.0, le=10000.0)
+    request_timeout_s: float = Field(300.0, gt=0.0, description="default per-request deadline (504 after)")
+    max_pixels: int = Field(1024 * 1024, ge=64 * 64)
+    max_frames: int = Field(129, ge=1)
+    max_steps: int = Field(100, ge=1)
+    max_n: int = Field(4, ge=1, le=16)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    shutdown_grace_s: float = Field(30.0, ge=0.0)
+    job_ttl_s: float = Field(3600.0, gt=0.0, description="finished video jobs are forgotten after this")
+    max_jobs: int = Field(1000, ge=1, description="video jobs kept (queued, running or finished)")
+    warmup: bool = Field(True, description="run one tiny generation per model before /ready turns true")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+        if not models:
+            raise ValueError("at least one model is required")
+        ids = [m.id for m in models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return models
+
+    @model_validator(mode="after")
+    def _presets_exist(self) -> "ServerSettings":
+        from accel.spec import parse_spec
+
+        for model in self.models:
+            parse_spec(model.default_preset)  # raises SpecError naming the problem
+        return self
+
+
+class SettingsError(ValueError):
+    """Invalid server settings: the message names each bad setting."""
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> ServerSettings:
+    """Settings: explicit overrides win over the config file (YAML, TOML or JSON), which wins over `ACCEL_*`
+    environment variables, which win over the defaults."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise SettingsError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix in (".toml",):
+                data = tomllib.loads(text)
+            elif path.suffix in (".json",):
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+        except Exception as exc:  # noqa: BLE001 - any parse error is one message
+            raise SettingsError(f"config file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise SettingsError(f"config file {path}: expected a mapping of settings")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerSettings(**data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+    except ValueError as exc:
+        raise SettingsError(f"invalid settings: {exc}") from None
