@@ -139,10 +139,14 @@ def load_pipeline(
     attention_backend: str | None = None,
     progress: bool = False,
     seed: int = 0,
+    prune_plan: str | Path | None = None,
+    prune_ratio: float = 0.0,
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
     The pipeline carries `pipe.accel_source` and `pipe.accel_defaults` (a `ModelDefaults`).
+    `prune_plan` (a plan file from `accel prune calibrate`) with `prune_ratio` removes that fraction of the
+    transformer's blocks for good (before compilation); a plan calibrated on another model is refused.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -173,6 +177,12 @@ def load_pipeline(
     pipe.accel_source = source
     pipe.accel_defaults = defaults
     pipe.accel_attention_backend = choose_attention_backend(pipe.transformer, attention_backend, device)
+    if prune_plan is not None:
+        from accel.pruning.plan import prune_pipeline
+
+        prune_pipeline(pipe, prune_plan, prune_ratio)
+    elif prune_ratio:
+        raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
     if compile:
         compile_blocks(pipe)
     return pipe

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from accel.base import Method
 from accel.caching import abcache, cachedit_peer, diffusers_peers, sortblock
+from accel.guidance import s2
+from accel.pruning import plan as pruning
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
+        pruning.PRUNE,
+        s2.S2,
         sortblock.SORTBLOCK,
         diffusers_peers.FBCACHE,
         diffusers_peers.TAYLORSEER,

@@ -1,0 +1,300 @@
+"""S²-Guidance (arXiv 2508.12880): stochastic self guidance with block-dropping sub-networks.
+
+On an active step the conditional prediction D(c) is computed once more by a *sub-network*: the same transformer
+with a random set of blocks made identity (mask m_t drawn fresh every step), giving D̂(c, m_t). The output is
+guided away from it:
+
+    D̃ = D(∅) + λ·(D(c) − D(∅)) − ω·(D̂ − D(c))
+
+The pipeline still does its own CFG combine `u + λ·(c' − u)`, so this method returns, for the conditional branch,
+
+    c' = D(c) − (ω/λ)·(D̂ − D(c))      with CFG (λ = the pipeline's CFG scale), and
+    c' = D(c) − ω·(D̂ − D(c))          without CFG (guidance-distilled FLUX, or CFG off),
+
+which makes the pipeline's combine yield D̃ exactly (up to float rounding). With `passes` = N > 1, D̂ is the mean of
+N sub-networks with independent masks. The unconditional branch is never touched.
+
+Definitions (where the paper is terse):
+- drop count: per stack, k = max(1, round(drop_ratio · n_blocks)) blocks (0 when drop_ratio = 0), drawn uniformly
+  without replacement among the eligible blocks: never the first block of a stack, never `protected_blocks`.
+- interval: the step is active when lo <= σ_t <= hi, with σ_t the scheduler's noise level of the step (flow
+  matching: 1 = pure noise, 0 = clean; `timestep / 1000` where the scheduler keeps no sigmas). The default
+  (0.1, 0.9) is "the central 80% of the noise levels".
+- masks: a `torch.Generator` seeded from (request seed, step index, pass index), so a request is reproducible and
+  independent of CFG layout and batching. Seed None counts as 0.
+- λ per family: read from the running pipeline call. FLUX: `true_cfg_scale` when `do_true_cfg` (its true CFG;
+  the embedded `guidance_scale` is not a combine, so without true CFG the no-CFG formula applies). Wan: the
+  step's `current_guidance_scale` (Wan 2.2's two-stage scale) else `pipe.guidance_scale`, when
+  `pipe.do_classifier_free_guidance`. SD3 (one pass over cat([uncond, cond])): `pipe.guidance_scale`; only the
+  cond half of the batch is corrected and only the cond half is run through the sub-network. SD3's own
+  skip-layer-guidance call (`skip_layers=`) is passed through untouched.
+
+Composition with caches: the sub-network pass runs inside this method's call hook (innermost of all call hooks,
+so a denoiser-level cache such as AB-Cache stores the corrected output, never D̂). During the pass every block's
+`forward` is temporarily replaced by one that enters the block's hook chain *below* every hook registered after
+this method (block-level caches: Sortblock, diffusers' FBCache/MagCache), so their per-step state is neither read
+nor written; hooks registered before (the session's block counter, per-call pruning) still run. The pass also runs
+under its own cache context `"<branch>:s2"`, so any stateful diffusers hook *inside* the blocks (e.g. on attention)
+keeps separate state for the sub-network. cache-dit (`dbcache`) owns the block loop itself and is refused.
+The pass's block executions are moved out of the session's block counts (which describe the denoiser calls the
+pipeline made) into this method's counters: `subnet_blocks_computed`, `subnet_blocks_dropped`; `extra_forwards`
+counts sub-network passes (the report sums it).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks.hooks import CacheContext, _set_cache_context
+from pydantic import Field, field_validator, model_validator
+
+from accel.apply import AccelSession, StepContext
+from accel.base import Method, MethodConfig, MethodHandle
+from accel.errors import SpecError
+
+
+class S2Config(MethodConfig):
+    """Knobs of S²-Guidance. Defaults: the paper's (ω 0.25, 10% of blocks, central 80% of noise levels, 1 pass)."""
+
+    method: Literal["s2"] = "s2"
+    omega: float = Field(0.25, ge=0.0, le=10.0, description="Weight ω of the self-guidance term. 0 = off (bit-identical). Paper: 0.25.")
+    drop_ratio: float = Field(
+        0.1, ge=0.0, le=0.9,
+        description="Fraction of each stack's blocks dropped in the sub-network: k = max(1, round(ratio * n)); 0 = none.",
+    )
+    interval: tuple[float, float] = Field(
+        (0.1, 0.9),
+        description="Active noise levels [lo, hi] of sigma (1 = pure noise, 0 = clean). Default: the central 80%.",
+    )
+    passes: int = Field(1, ge=1, le=8, description="Sub-network passes per active step, averaged (N). Paper: 1.")
+    protected_blocks: list[str] = Field(
+        default_factory=list,
+        description='Blocks never dropped, as "stack.index" (e.g. "single_transformer_blocks.0"); the first block '
+        "of each stack is always protected.",
+    )
+
+    @field_validator("interval")
+    @classmethod
+    def _interval_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError("interval must be [lo, hi] with 0 <= lo <= hi <= 1 (noise levels)")
+        return value
+
+    @model_validator(mode="after")
+    def _names_look_like_blocks(self) -> "S2Config":
+        for name in self.protected_blocks:
+            stack, _, index = name.rpartition(".")
+            if not stack or not index.isdigit():
+                raise ValueError(f'protected_blocks: {name!r} is not "stack.index"')
+        return self
+
+
+def drop_count(n_blocks: int, drop_ratio: float) -> int:
+    if drop_ratio <= 0.0 or n_blocks == 0:
+        return 0
+    return max(1, round(drop_ratio * n_blocks))
+
+
+def noise_level(ctx: StepContext) -> float:
+    return float(ctx.sigma) if ctx.sigma is not None else float(ctx.timestep) / 1000.0
+
+
+def is_active(config: S2Config, ctx: StepContext) -> bool:
+    lo, hi = config.interval
+    return config.omega > 0.0 and lo <= noise_level(ctx) <= hi
+
+
+def draw_mask(eligible: dict[str, list[int]], sizes: dict[str, int], drop_ratio: float, seed: int | None,
+              step: int, pass_index: int) -> dict[str, list[int]]:
+    """Blocks to drop per stack for one sub-network pass: reproducible from (seed, step, pass)."""
+    base = 0 if seed is None else int(seed)
+    mixed = (base * 6364136223846793005 + (step + 1) * 1442695040888963407 + pass_index * 2654435761) % (2**63)
+    generator = torch.Generator().manual_seed(mixed)
+    mask: dict[str, list[int]] = {}
+    for stack, candidates in eligible.items():
+        k = min(len(candidates), drop_count(sizes[stack], drop_ratio))
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        mask[stack] = sorted(candidates[i] for i in order[:k])
+    return mask
+
+
+@dataclass
+class S2State:
+    """Per call: the mask of the running sub-network pass (None outside it) and the masks drawn, for the report."""
+
+    mask: dict[str, set[int]] | None = None
+    masks: list[dict[str, list[int]]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.mask, self.masks = None, []
+
+
+def _unwrap(output: Any) -> tuple[torch.Tensor, Any]:
+    """(sample tensor, function rebuilding the transformer's return structure around a tensor)."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple):
+        return output[0], lambda t: (t, *output[1:])
+    sample = output.sample
+    return sample, lambda t: type(output)(sample=t)
+
+
+def _pipeline_call_locals(pipe: Any) -> dict[str, Any] | None:
+    """The local variables of the running `pipe.__call__` (to read λ where the pipeline keeps it in a local)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def cfg_scale(session: AccelSession, ctx: StepContext) -> float | None:
+    """λ of the pipeline's CFG combine for this call, or None when the pipeline runs no CFG."""
+    pipe, family = session.pipe, session.adapter.family
+    if ctx.branch == "batch":
+        return float(pipe.guidance_scale)
+    if family == "flux":
+        found = _pipeline_call_locals(pipe)
+        if found is None:  # the transformer called outside its pipeline: no CFG combine follows
+            return None
+        if "do_true_cfg" not in found:
+            raise SpecError(f"s2: could not read true_cfg_scale from the running {type(pipe).__name__} call")
+        return float(found["true_cfg_scale"]) if found["do_true_cfg"] else None
+    if getattr(pipe, "do_classifier_free_guidance", False):
+        found = _pipeline_call_locals(pipe) or {}
+        scale = found.get("current_guidance_scale")
+        return float(scale if scale is not None else pipe.guidance_scale)
+    return None
+
+
+def _subnet_forward(session: AccelSession, state: S2State, stack: str, index: int, entry, module, *args, **kwargs):
+    """A block's forward during the sub-network pass: identity if drawn, else the block below later hooks."""
+    if index in state.mask.get(stack, ()):
+        io = session.block_io(module)
+        hidden, encoder = io.inputs(args, kwargs)
+        if getattr(module, "context_pre_only", False):
+            encoder = None  # what such a block (SD3's last) returns for the text stream
+        return io.make_output(hidden, encoder)
+    return entry(*args, **kwargs)
+
+
+class _S2Call:
+    """Call hook: after the normal call of the conditional branch, run the sub-network(s) and correct the output."""
+
+    def __init__(self, session: AccelSession, config: S2Config, state: S2State, entries: dict, eligible: dict,
+                 counters: dict[str, Any]):
+        self.session, self.config, self.state, self.entries = session, config, state, entries
+        self.eligible, self.counters = eligible, counters
+        self.sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
+
+    def __call__(self, ctx: StepContext, call):
+        if ctx.branch not in ("cond", "batch") or not is_active(self.config, ctx):
+            return call()
+        keywords = getattr(call, "keywords", None) or {}
+        if keywords.get("skip_layers") is not None:  # SD3's own skip-layer-guidance pass
+            return call()
+        output = call()
+        lam = cfg_scale(self.session, ctx)
+        sample, wrap = _unwrap(output)
+        half = sample.shape[0] // 2 if ctx.branch == "batch" else 0
+        cond = sample[half:]
+        subnet = self._subnet_call(call, ctx, half)
+        total = None
+        for p in range(self.config.passes):
+            mask = draw_mask(self.eligible, self.sizes, self.config.drop_ratio, self.session.seed, ctx.step_index, p)
+            predicted = self._run_masked(subnet, mask, ctx)
+            if predicted.shape[0] != cond.shape[0]:  # fell back to running the whole batch
+                predicted = predicted[half:]
+            total = predicted if total is None else total + predicted
+        d_hat = total / self.config.passes if self.config.passes > 1 else total
+        weight = self.config.omega / lam if lam is not None else self.config.omega
+        corrected = cond - weight * (d_hat - cond)
+        self.counters["active_steps"] += 1
+        if half:
+            corrected = torch.cat([sample[:half], corrected], dim=0)
+        return wrap(corrected.to(sample.dtype))
+
+    def _subnet_call(self, call, ctx: StepContext, half: int):
+        """A callable running the transformer on the conditional inputs only (the cond half for batched CFG)."""
+        if not half or not isinstance(call, functools.partial):
+            return call
+        batch = 2 * half
+
+        def cut(value):
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+                return value[half:]
+            return value
+
+        args = tuple(cut(a) for a in call.args)
+        kwargs = {k: cut(v) for k, v in (call.keywords or {}).items()}
+        return functools.partial(call.func, *args, **kwargs)
+
+    def _run_masked(self, subnet, mask: dict[str, list[int]], ctx: StepContext) -> torch.Tensor:
+        session, state = self.session, self.state
+        transformer = session.transformer
+        state.mask = {stack: set(indices) for stack, indices in mask.items()}
+        state.masks.append(mask)
+        saved_counts = dict(session.report.blocks_computed)
+        saved_forwards = {}
+        for (stack, index), (block, entry) in self.entries.items():
+            saved_forwards[block] = block.__dict__.get("forward")
+            block.forward = functools.partial(_subnet_forward, session, state, stack, index, entry, block)
+        _set_cache_context(transformer, CacheContext(f"{ctx.branch}:s2", step_index=ctx.step_index,
+                                                     num_inference_steps=ctx.num_steps, timestep=ctx.timestep,
+                                                     sigma=ctx.sigma))
+        try:
+            output = subnet()
+        finally:
+            for block, forward in saved_forwards.items():
+                if forward is None:
+                    block.__dict__.pop("forward", None)
+                else:
+                    block.forward = forward
+            _set_cache_context(transformer, CacheContext(ctx.branch, step_index=ctx.step_index,
+                                                         num_inference_steps=ctx.num_steps, timestep=ctx.timestep,
+                                                         sigma=ctx.sigma))
+            state.mask = None
+            for stack, count in session.report.blocks_computed.items():
+                self.counters["subnet_blocks_computed"] += count - saved_counts[stack]
+                session.report.blocks_computed[stack] = saved_counts[stack]
+        self.counters["extra_forwards"] += 1
+        self.counters["subnet_blocks_dropped"] += sum(len(v) for v in mask.values())
+        return _unwrap(output)[0]
+
+
+def eligible_blocks(session: AccelSession, protected: list[str]) -> dict[str, list[int]]:
+    """Per stack, the indices S² may drop; unknown protected names are a SpecError naming the stacks."""
+    protected_set = set()
+    for name in protected:
+        stack, _, index = name.rpartition(".")
+        if stack not in session.stacks or int(index) >= len(session.stacks[stack]):
+            raise SpecError(f"s2.protected_blocks: no block {name!r}; stacks: "
+                            + ", ".join(f"{s} (0..{len(b) - 1})" for s, b in session.stacks.items()))
+        protected_set.add((stack, int(index)))
+    return {stack: [i for i in range(1, len(blocks)) if (stack, i) not in protected_set]
+            for stack, blocks in session.stacks.items()}
+
+
+def apply_s2(session: AccelSession, config: S2Config) -> MethodHandle:
+    if any(c.method == "dbcache" for c in session.configs):
+        raise SpecError("s2: cannot be combined with dbcache (cache-dit runs the block loop itself)")
+    eligible = eligible_blocks(session, config.protected_blocks)
+    state = S2State()
+    counters: dict[str, Any] = {"active_steps": 0, "extra_forwards": 0, "subnet_blocks_computed": 0,
+                                "subnet_blocks_dropped": 0}
+    # each block's forward as it is now: the session's counter and earlier structural hooks, nothing applied later
+    entries = {(stack, index): (block, block.forward) for stack, index, block in session.blocks()}
+    session.add_call_hook(_S2Call(session, config, state, entries, eligible, counters))
+    return MethodHandle(on_remove=state.reset, counters=counters)
+
+
+S2 = Method(
+    "s2", S2Config, apply_s2,
+    "S²-Guidance: guide away from a random block-dropping sub-network; +1 forward per active step (arXiv 2508.12880)",
+)

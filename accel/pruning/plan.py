@@ -1,0 +1,298 @@
+"""Block pruning: the plan file, physical removal at load, and the per-call `prune` method (skip as identity).
+
+A plan (written by `accel prune calibrate`, see `accel/pruning/importance.py`) is JSON:
+
+    {"format": "accel-prune-plan/1",
+     "fingerprint": {"transformer_class": "FluxTransformer2DModel", "config_hash": "<sha256 of the config>",
+                     "blocks": {"transformer_blocks": 4, "single_transformer_blocks": 8}},
+     "calibration": {"prompts": [...], "steps": 8, "seeds": 1, "height": 256, "width": 256},
+     "protected": ["transformer_blocks.0", "single_transformer_blocks.0"],
+     "scores": {"influence": {"transformer_blocks.1": 0.12, ...}, "drop_one": {...}},
+     "angular": {"transformer_blocks": {"1": [d(x_0, x_1), d(x_1, x_2), ...], "2": [...], ...}, ...},
+     "orders": {"influence": [...], "drop_one": [...]},
+     "recommended": "drop_one",
+     "order": [...]}                      # = orders[recommended]: least important block first
+
+Blocks are named "stack.index" (e.g. "single_transformer_blocks.3"), indices of the unpruned model. The config hash
+covers every public config key (not `_name_or_path`, `_diffusers_version`), so a plan only fits the architecture it
+was calibrated on, and not a model that is already pruned.
+
+Which blocks a ratio r removes (`Plan.select`):
+- "influence" / "drop_one": the first round(r * total blocks) of that score's global order (all stacks together:
+  the scores say which stack can lose more);
+- "angular" (Gromov et al.): per stack, n = round(r * n_blocks) contiguous blocks l..l+n-1 whose run has the
+  smallest angular distance d(x_l, x_{l+n}); runs never contain a protected block.
+Protected (never pruned): the first block of each stack, and any block built differently from its neighbours
+(`context_pre_only`: SD3's last block, which a fresh model builds from `num_layers`, so removing it would not
+load back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks import ModelHook
+from pydantic import Field, model_validator
+
+from accel.adapters import ModelAdapter, adapter_for
+from accel.apply import AccelSession
+from accel.base import Method, MethodConfig, MethodHandle
+from accel.errors import AccelError, SpecError
+
+PLAN_FORMAT = "accel-prune-plan/1"
+PRUNE_HOOK = "accel_prune"
+SCORES = ("influence", "angular", "drop_one")
+# the transformer config key that records each stack's block count, per family
+CONFIG_KEYS: dict[tuple[str, str], str] = {
+    ("flux", "transformer_blocks"): "num_layers",
+    ("flux", "single_transformer_blocks"): "num_single_layers",
+    ("wan", "blocks"): "num_layers",
+    ("sd3", "transformer_blocks"): "num_layers",
+}
+
+
+# -- names, fingerprint, protection ---------------------------------------------------------------------------
+def parse_block(name: str, sizes: dict[str, int]) -> tuple[str, int]:
+    """"stack.index" -> (stack, index), checked against the stacks; a SpecError naming them otherwise."""
+    stack, _, index = name.rpartition(".")
+    if stack not in sizes or not index.isdigit() or int(index) >= sizes[stack]:
+        raise SpecError(f"prune: no block {name!r}; blocks are "
+                        + ", ".join(f"{s}.0..{s}.{n - 1}" for s, n in sizes.items()))
+    return stack, int(index)
+
+
+def block_sizes(transformer: torch.nn.Module, adapter: ModelAdapter | None = None) -> dict[str, int]:
+    adapter = adapter or adapter_for(transformer)
+    return {name: len(blocks) for name, blocks in adapter.block_stacks(transformer).items()}
+
+
+def protected_blocks(transformer: torch.nn.Module, adapter: ModelAdapter | None = None) -> list[str]:
+    """First block of each stack, plus blocks built differently from the rest (context_pre_only)."""
+    adapter = adapter or adapter_for(transformer)
+    names = []
+    for stack, blocks in adapter.block_stacks(transformer).items():
+        for index, block in enumerate(blocks):
+            if index == 0 or getattr(block, "context_pre_only", False):
+                names.append(f"{stack}.{index}")
+    return names
+
+
+def config_hash(transformer: torch.nn.Module) -> str:
+    public = {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(transformer: torch.nn.Module) -> dict[str, Any]:
+    return {"transformer_class": type(transformer).__name__, "config_hash": config_hash(transformer),
+            "blocks": block_sizes(transformer)}
+
+
+# -- the plan -------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    fingerprint: dict[str, Any]
+    protected: list[str]
+    scores: dict[str, dict[str, float]]  # score name -> block -> value (higher = more important)
+    angular: dict[str, dict[str, list[float]]]  # stack -> run length n -> d(x_l, x_{l+n}) for l = 0..N-n
+    recommended: str = "drop_one"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def order(self, score: str) -> list[str]:
+        """Blocks by increasing importance (the first is removed first), protected blocks left out."""
+        values = self.scores[score]
+        return sorted((b for b in values if b not in self.protected), key=lambda b: (values[b], b))
+
+    def to_dict(self) -> dict[str, Any]:
+        orders = {name: self.order(name) for name in self.scores}
+        return {"format": PLAN_FORMAT, "fingerprint": self.fingerprint, "calibration": self.calibration,
+                "protected": self.protected, "scores": self.scores, "angular": self.angular, "orders": orders,
+                "recommended": self.recommended, "order": orders.get(self.recommended, [])}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        if data.get("format") != PLAN_FORMAT:
+            raise AccelError(f"prune plan: not a plan file (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
+        return cls(fingerprint=data["fingerprint"], protected=list(data["protected"]), scores=data["scores"],
+                   angular=data.get("angular", {}), recommended=data.get("recommended", "drop_one"),
+                   calibration=data.get("calibration", {}))
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a partial plan never appears under `path`."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.replace(path)
+        return path
+
+    def check(self, transformer: torch.nn.Module) -> None:
+        """Refuse a plan calibrated on another model, naming what differs."""
+        mine = fingerprint(transformer)
+        diffs = [f"{key}: plan {self.fingerprint.get(key)!r}, model {mine[key]!r}"
+                 for key in ("transformer_class", "blocks", "config_hash") if self.fingerprint.get(key) != mine[key]]
+        if diffs:
+            raise AccelError("prune plan does not match this model (was it calibrated on another model, or is the "
+                             "model already pruned?): " + "; ".join(diffs))
+
+    def select(self, ratio: float, score: str = "recommended") -> list[str]:
+        """Blocks to remove for `ratio` of all blocks, by `score` (see the module docstring)."""
+        score = self.recommended if score == "recommended" else score
+        if not 0.0 <= ratio < 1.0:
+            raise AccelError(f"prune ratio must be in [0, 1), got {ratio}")
+        if score not in SCORES or (score != "angular" and score not in self.scores):
+            raise AccelError(f"prune score {score!r} not in this plan; available: {', '.join(self.available())}")
+        if ratio == 0.0:
+            return []
+        sizes = self.fingerprint["blocks"]
+        if score != "angular":
+            return self.order(score)[: round(ratio * sum(sizes.values()))]
+        chosen = []
+        for stack, n_blocks in sizes.items():
+            n = min(round(ratio * n_blocks), n_blocks - 1)
+            if n <= 0:
+                continue
+            runs = self.angular[stack][str(n)]
+            best = None
+            for start in range(1, n_blocks - n + 1):
+                run = [f"{stack}.{i}" for i in range(start, start + n)]
+                if any(b in self.protected for b in run):
+                    continue
+                if best is None or runs[start] < runs[best[0]]:
+                    best = (start, run)
+            if best is not None:
+                chosen.extend(best[1])
+        return chosen
+
+    def available(self) -> list[str]:
+        return [*self.scores, *(["angular"] if self.angular else [])]
+
+
+@lru_cache(maxsize=16)
+def _read(path: str, mtime: float) -> Plan:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AccelError(f"prune plan {path!r}: cannot read: {exc}") from None
+    return Plan.from_dict(data)
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise AccelError(f"prune plan {str(path)!r}: no such file")
+    return _read(str(path.resolve()), path.stat().st_mtime)
+
+
+# -- physical removal (at load) ---------------------------------------------------------------------------------
+def remove_blocks(transformer: torch.nn.Module, names: list[str]) -> list[str]:
+    """Remove blocks from the transformer for good: rebuild each stack's ModuleList and update the config, so
+    `save_pretrained` -> `from_pretrained` gives back the pruned model. Returns the removed names."""
+    adapter = adapter_for(transformer)
+    sizes = block_sizes(transformer, adapter)
+    protected = set(protected_blocks(transformer, adapter))
+    drop: dict[str, set[int]] = {stack: set() for stack in sizes}
+    for name in names:
+        if name in protected:
+            raise AccelError(f"prune: {name} is protected (first block of its stack, or built differently)")
+        stack, index = parse_block(name, sizes)
+        drop[stack].add(index)
+    config = dict(transformer.config)
+    for stack, indices in drop.items():
+        if not indices:
+            continue
+        blocks = getattr(transformer, stack)
+        kept = [i for i in range(len(blocks)) if i not in indices]
+        setattr(transformer, stack, torch.nn.ModuleList([blocks[i] for i in kept]))
+        updates = {CONFIG_KEYS[(adapter.family, stack)]: len(kept)}
+        dual = config.get("dual_attention_layers")  # SD3.5: indices of blocks with a second attention
+        if adapter.family == "sd3" and dual:
+            updates["dual_attention_layers"] = tuple(new for new, old in enumerate(kept) if old in set(dual))
+        transformer.register_to_config(**updates)
+    return sorted(names)
+
+
+def prune_pipeline(pipe: Any, plan: str | Path | Plan, ratio: float, score: str = "recommended") -> list[str]:
+    """Check `plan` against the pipeline's transformer and remove `ratio` of its blocks; record what was done."""
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    plan.check(pipe.transformer)
+    removed = remove_blocks(pipe.transformer, plan.select(ratio, score))
+    pipe.accel_pruned = {"ratio": ratio, "score": score, "removed": removed}
+    return removed
+
+
+# -- per call: skip as identity ---------------------------------------------------------------------------------
+class PruneConfig(MethodConfig):
+    """Skip blocks as identity for one call, without touching weights. Give `blocks`, or `plan` (+ `ratio`)."""
+
+    method: Literal["prune"] = "prune"
+    blocks: list[str] | None = Field(
+        None, description='Blocks to skip, as "stack.index" (e.g. "single_transformer_blocks.3"). Not with plan.'
+    )
+    plan: str | None = Field(None, description="Path of a plan file from `accel prune calibrate`.")
+    ratio: float = Field(0.0, ge=0.0, le=0.9, description="With plan: fraction of all blocks skipped. 0 = none.")
+    score: Literal["recommended", "influence", "angular", "drop_one"] = Field(
+        "recommended", description="With plan: which calibration score picks the blocks (default: the plan's)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PruneConfig":
+        if (self.blocks is None) == (self.plan is None):
+            raise ValueError("give exactly one of blocks (a list of \"stack.index\") or plan (a plan file path)")
+        if self.blocks is not None and self.ratio:
+            raise ValueError("ratio applies to a plan; with blocks, list the blocks to skip")
+        return self
+
+
+class PruneBlockHook(ModelHook):
+    """Returns the block's inputs in its output structure (identity) instead of running it."""
+
+    def __init__(self, session: AccelSession, counters: dict[str, Any]):
+        super().__init__()
+        self.session, self.counters = session, counters
+
+    def new_forward(self, module, *args, **kwargs):
+        io = self.session.block_io(module)
+        hidden, encoder = io.inputs(args, kwargs)
+        if getattr(module, "context_pre_only", False):
+            encoder = None
+        self.counters["skipped_blocks"] += 1
+        return io.make_output(hidden, encoder)
+
+
+def blocks_for_call(session: AccelSession, config: PruneConfig) -> list[str]:
+    sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
+    if config.blocks is not None:
+        for name in config.blocks:
+            stack, index = parse_block(name, sizes)
+            if index == 0:
+                raise SpecError(f"prune: {name} is the first block of its stack, which is never pruned")
+        return list(dict.fromkeys(config.blocks))
+    try:
+        plan = load_plan(config.plan)
+        plan.check(session.transformer)
+        return plan.select(config.ratio, config.score)
+    except SpecError:
+        raise
+    except AccelError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def apply_prune(session: AccelSession, config: PruneConfig) -> MethodHandle:
+    names = blocks_for_call(session, config)
+    counters: dict[str, Any] = {"pruned": names, "skipped_blocks": 0}
+    sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
+    for name in names:
+        stack, index = parse_block(name, sizes)
+        session.add_hook(session.stacks[stack][index], PruneBlockHook(session, counters), PRUNE_HOOK)
+    return MethodHandle(counters=counters)
+
+
+PRUNE = Method(
+    "prune", PruneConfig, apply_prune,
+    "Pruned blocks per call: skip calibrated or listed blocks as identity (ShortGPT / Gromov et al. scores)",
+)
