@@ -146,3 +146,15 @@ class BlockIO:
         result[self.meta.return_hidden_states_index] = hidden
         result[self.meta.return_encoder_hidden_states_index] = encoder
         return tuple(result)
+
+
+def unwrap_denoiser_output(output: Any) -> tuple[torch.Tensor, Any]:
+    """(sample tensor, function rebuilding the transformer's return structure around a tensor).
+
+    Transformers return a tensor, a tuple `(sample, ...)` (`return_dict=False`, what pipelines use) or an output
+    dataclass with `.sample`; methods that replace a denoiser output keep the structure the pipeline expects."""
+    if isinstance(output, torch.Tensor):
+        return output, lambda t: t
+    if isinstance(output, tuple):
+        return output[0], lambda t: (t, *output[1:])
+    return output.sample, lambda t: type(output)(sample=t)

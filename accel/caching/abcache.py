@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from accel.adapters import unwrap_denoiser_output
 from accel.apply import AccelSession, StepContext
 from accel.base import Method, MethodConfig, MethodHandle
 
@@ -72,16 +73,6 @@ class _History:
     wrap: Any = None  # rebuilds the transformer's return structure around a tensor
 
 
-def _unwrap(output: Any) -> tuple[torch.Tensor, Any]:
-    """(sample tensor, function rebuilding the same structure) for the transformer's output."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda t: t
-    if isinstance(output, tuple):
-        return output[0], lambda t: (t, *output[1:])
-    sample = output.sample
-    cls = type(output)
-    return sample, lambda t: cls(sample=t)
-
 
 class _ABCacheCall:
     def __init__(self, config: ABCacheConfig, counters: dict[str, Any]):
@@ -98,7 +89,7 @@ class _ABCacheCall:
         num_steps = ctx.num_steps or (ctx.step_index + 1)
         if should_compute(self.config, ctx.step_index, num_steps) or not history.outputs:
             output = call()
-            sample, history.wrap = _unwrap(output)
+            sample, history.wrap = unwrap_denoiser_output(output)
             history.steps.append(ctx.step_index)
             history.times.append(self._time(ctx))
             history.outputs.append(sample)

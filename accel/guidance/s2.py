@@ -52,6 +52,7 @@ import torch
 from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from pydantic import Field, field_validator, model_validator
 
+from accel.adapters import unwrap_denoiser_output
 from accel.apply import AccelSession, StepContext
 from accel.base import Method, MethodConfig, MethodHandle
 from accel.errors import SpecError
@@ -134,15 +135,6 @@ class S2State:
         self.mask, self.masks = None, []
 
 
-def _unwrap(output: Any) -> tuple[torch.Tensor, Any]:
-    """(sample tensor, function rebuilding the transformer's return structure around a tensor)."""
-    if isinstance(output, torch.Tensor):
-        return output, lambda t: t
-    if isinstance(output, tuple):
-        return output[0], lambda t: (t, *output[1:])
-    sample = output.sample
-    return sample, lambda t: type(output)(sample=t)
-
 
 def _pipeline_call_locals(pipe: Any) -> dict[str, Any] | None:
     """The local variables of the running `pipe.__call__` (to read λ where the pipeline keeps it in a local)."""
@@ -201,7 +193,7 @@ class _S2Call:
             return call()
         output = call()
         lam = cfg_scale(self.session, ctx)
-        sample, wrap = _unwrap(output)
+        sample, wrap = unwrap_denoiser_output(output)
         half = sample.shape[0] // 2 if ctx.branch == "batch" else 0
         cond = sample[half:]
         subnet = self._subnet_call(call, ctx, half)
@@ -265,7 +257,7 @@ class _S2Call:
                 session.report.blocks_computed[stack] = saved_counts[stack]
         self.counters["extra_forwards"] += 1
         self.counters["subnet_blocks_dropped"] += sum(len(v) for v in mask.values())
-        return _unwrap(output)[0]
+        return unwrap_denoiser_output(output)[0]
 
 
 def eligible_blocks(session: AccelSession, protected: list[str]) -> dict[str, list[int]]:
