@@ -165,10 +165,23 @@ def cmd_bench(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     cases = [BenchCase(prompt, seed) for prompt in prompts for seed in range(args.seeds)]
     report = run_bench(pipe, args.accel, cases, params=params, repeats=args.repeats, out_dir=args.out,
-                       model_name=args.model)
+                       model_name=args.model, adherence=_adherence_scorer(prompts))
     print(markdown_table(report))
     print(f"wrote {args.out}/report.json, report.md, grid.png")
     return 0
+
+
+def _adherence_scorer(prompts: list[str]):
+    """The shapes adherence score (fraction of captions fully right) when every prompt is in its grammar."""
+    from accel.refmodel.scorer import score
+    from accel.refmodel.shapes import parse_caption
+
+    try:
+        for prompt in prompts:
+            parse_caption(prompt)
+    except ValueError:
+        return None
+    return lambda frame, prompt: float(score(frame, prompt).all_correct)
 
 
 def cmd_make_model(args) -> int:

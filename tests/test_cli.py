@@ -62,7 +62,7 @@ def test_generate_errors_are_one_line_and_exit_2(tmp_path, capsys, argv, message
 
 def test_bench_writes_json_markdown_and_grid(tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\n")
+    prompts.write_text("a red circle on the left\na blue square at the top\n")
     out = tmp_path / "bench"
     code = main(["bench", "--model", "tiny-flux", "--prompts", str(prompts), "--seeds", "1", "--steps", "6",
                  "--height", "64", "--width", "64", "--accel", "fbcache:threshold=0", "--accel", "fbcache:threshold=0.5",
@@ -76,6 +76,7 @@ def test_bench_writes_json_markdown_and_grid(tmp_path):
     assert rows["fbcache:threshold=0.5"]["block_fraction_computed"] < 1.0
     assert rows["fbcache:threshold=0.5"]["psnr"] < 100.0
     assert "| spec | speedup" in (out / "report.md").read_text()
+    assert rows["baseline"]["adherence"] is not None  # prompts in the shapes grammar get the adherence score
     grid = Image.open(out / "grid.png")
     assert grid.size[0] > 3 * 64 and grid.size[1] > 2 * 64
 
