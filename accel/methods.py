@@ -12,6 +12,7 @@ The step tracker is always outermost. Add a new method to `METHODS` at its place
 from __future__ import annotations
 
 from accel.base import Method
+from accel.attention import sparse
 from accel.caching import abcache, cachedit_peer, diffusers_peers, sortblock
 from accel.guidance import s2
 from accel.pruning import plan as pruning
@@ -21,6 +22,7 @@ METHODS: dict[str, Method] = {
     for method in (
         pruning.PRUNE,
         s2.S2,
+        sparse.SPARSE_ATTENTION,
         sortblock.SORTBLOCK,
         diffusers_peers.FBCACHE,
         diffusers_peers.TAYLORSEER,

@@ -1,0 +1,327 @@
+"""Block-sparse attention with an online per-head pattern search reused across steps (AdaSpa, arXiv 2502.21079).
+
+Per targeted self-attention call (FLUX: the joint [text, image] attention of every block; Wan: `attn1`, the
+self-attention over video tokens; Wan's cross-attention `attn2` stays dense):
+- steps before the first search step: dense, through the model's own attention dispatch (bit-identical);
+- a search step: the block importance of every (query block, key block) per head (`search.py`), then top-k
+  masks with head-adaptive budgets; the first exact search runs a dense pass with LSE (its output is the step's
+  attention output) and caches the LSE per layer and CFG branch, later searches reuse that LSE (one pass);
+- other sparse steps: the last masks, through `kernels.block_sparse_attention` (Triton on GPU, compiled flex on
+  CPU).
+Schedule: dense for the first `dense_steps`; searches at `search_steps` (default: the first sparse step and 0.6
+of the steps, i.e. 10 and 30 of 50); state per CFG branch (the session's `ctx.branch`) and per layer.
+
+How attention is routed: the targeted attention module's processor is replaced, for this call only, by a thin
+wrapper that runs the *original processor's own `__call__` code* (same code object, so QK-norm, RoPE and the
+text-token concatenation are exactly the model's) with one name rebound in a private copy of its globals:
+`dispatch_attention_fn` -> this method's router. Nothing global is patched, so other pipelines in the process are
+untouched. The router sends anything that is not a plain self-attention call (a mask, different query/key
+lengths, e.g. Wan I2V's image cross-attention) and every dense step to the original `dispatch_attention_fn`. The
+swap is done by a diffusers hook on each block (`initialize_hook` / `deinitalize_hook`), registered through the
+session, so it is undone on exit; the hook's `pre_forward` also reads the block's text length (FLUX single blocks
+receive the text already concatenated, their processor cannot see it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from diffusers.hooks import ModelHook
+from pydantic import Field, field_validator, model_validator
+
+from accel.apply import AccelSession
+from accel.attention import search
+from accel.base import Method, MethodConfig, MethodHandle
+from accel.errors import UnsupportedModelError
+from kernels import block_sparse_attention, num_blocks
+
+SPARSE_HOOK = "accel_sparse_attention"
+
+
+class SparseAttentionConfig(MethodConfig):
+    """Knobs of AdaSpa-style block-sparse attention. Defaults: the paper's (sparsity 0.8, dense 10 of 50 steps,
+    searches at the first sparse step and at 30 of 50, head-adaptive on, blocks of 64)."""
+
+    method: Literal["sparse_attention"] = "sparse_attention"
+    sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="Base share of key blocks dropped per query row (0-1).")
+    block_size: Literal[16, 32, 64, 128] = Field(64, description="Tokens per query/key block: 16, 32, 64 or 128.")
+    dense_steps: float = Field(
+        0.2, ge=0.0, description="Dense steps at the start: a count (integer >= 1) or a fraction of the steps (< 1)."
+    )
+    search_steps: list[float] | None = Field(
+        None, description="Steps that search a new pattern, each a step index (>= 1) or a fraction (< 1); the "
+        "first search starts sparsity (earlier steps run dense). Default: [dense_steps, 0.6].",
+    )
+    head_adaptive: bool = Field(True, description="Per-head budgets from recall (AdaSpa); off: every head at `sparsity`.")
+    recall_threshold: float = Field(0.8, gt=0.0, lt=1.0, description="Recall over which a head counts as easy (paper: 0.8).")
+    estimator: Literal["exact", "pooled"] = Field(
+        "exact", description="exact: softmax mass per block (dense pass + LSE); pooled: mean-pooled q/k block scores."
+    )
+    layers: list[int] | None = Field(
+        None, description="Blocks to sparsify, as indices in execution order over all stacks (default: all)."
+    )
+    backend: Literal["auto", "triton", "flex", "reference"] = Field(
+        "auto", description="Kernel: auto (Triton on CUDA, compiled flex elsewhere), triton, flex, reference."
+    )
+
+    @field_validator("dense_steps")
+    @classmethod
+    def _count_or_fraction(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError("a step count must be an integer (or a fraction < 1 of the steps)")
+        return value
+
+    @field_validator("search_steps")
+    @classmethod
+    def _steps_or_fractions(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("give at least one search step (or leave it unset for the default)")
+            for v in value:
+                if v < 0 or (v >= 1 and v != int(v)):
+                    raise ValueError(f"{v}: a search step is an integer step index or a fraction in [0, 1)")
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _non_negative(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(v < 0 for v in value):
+            raise ValueError("layer indices are >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _searches_after_dense(self) -> "SparseAttentionConfig":
+        if self.search_steps and self.dense_steps >= 1 and all(s >= 1 for s in self.search_steps):
+            early = [s for s in self.search_steps if s < self.dense_steps]
+            if early:
+                raise ValueError(f"search_steps {early} fall in the dense steps (dense_steps={int(self.dense_steps)})")
+        return self
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The call's resolved schedule: sparse from `start` on (None: never), searches at `searches`."""
+
+    start: int | None
+    searches: frozenset[int]
+
+    @classmethod
+    def resolve(cls, config: SparseAttentionConfig, num_steps: int) -> "Schedule":
+        dense = search.resolve_step(config.dense_steps, num_steps)
+        wanted = config.search_steps if config.search_steps is not None else [dense, 0.6]
+        steps = {search.resolve_step(s, num_steps) for s in wanted}
+        steps = {s for s in steps if dense <= s < max(num_steps, 1)}
+        return cls(start=min(steps) if steps else None, searches=frozenset(steps))
+
+    def sparse(self, step: int) -> bool:
+        return self.start is not None and step >= self.start
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Per family: which attention module of a block is sparsified and whether text tokens lead its sequence."""
+
+    attention: str
+    text_first: bool
+
+
+ROUTES: dict[str, _Route] = {
+    "flux": _Route(attention="attn", text_first=True),  # joint [text, image] attention, dual and single blocks
+    "wan": _Route(attention="attn1", text_first=False),  # self-attention over video tokens; attn2 stays dense
+}
+
+
+@dataclass
+class _LayerState:
+    mask: torch.Tensor | None = None  # (B, H, nb, nb) bool, reused until the next search
+    lse: torch.Tensor | None = None  # (B, H, L) float32, from the first exact search
+    sparsity: torch.Tensor | None = None  # (B, H) per-head sparsity of the last search
+    recall: torch.Tensor | None = None  # (B, H) recall at the base sparsity, last search
+
+
+@dataclass
+class SparseState:
+    """Per call: per (CFG branch, layer) masks and cached LSEs."""
+
+    layers: dict[tuple[str, int], _LayerState] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.layers.clear()
+
+
+class _Router:
+    """Stands in for `dispatch_attention_fn` inside one attention module's processor."""
+
+    def __init__(self, session: AccelSession, config: SparseAttentionConfig, state: SparseState, layer: int,
+                 text_first: bool, original, counters: dict[str, Any]):
+        self.session, self.config, self.state, self.layer = session, config, state, layer
+        self.text_first, self.original, self.counters = text_first, original, counters
+        self.text_len = 0
+        self._schedule: Schedule | None = None
+
+    @property
+    def schedule(self) -> Schedule:
+        if self._schedule is None:
+            plan = self.session.plan
+            self._schedule = Schedule.resolve(self.config, plan.num_steps if plan is not None else 0)
+        return self._schedule
+
+    def __call__(self, query, key, value, attn_mask=None, *args, **kwargs):
+        ctx = self.session.current
+        plain = (
+            attn_mask is None and not args and not kwargs.get("is_causal") and not kwargs.get("dropout_p")
+            and kwargs.get("scale") is None and not kwargs.get("enable_gqa") and kwargs.get("parallel_config") is None
+        )
+        self_attention = plain and query.shape == key.shape and key.shape[:3] == value.shape[:3]
+        if not self_attention or ctx is None:
+            return self.original(query, key, value, attn_mask, *args, **kwargs)
+        bs = self.config.block_size
+        b, length, h, _ = query.shape
+        nb = num_blocks(length, bs)
+        self.counters["attention_blocks_total"] += b * h * nb * nb
+        if not self.schedule.sparse(ctx.step_index):
+            self.counters["attention_blocks_computed"] += b * h * nb * nb
+            self.counters["dense_calls"] += 1
+            return self.original(query, key, value, attn_mask, *args, **kwargs)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
+        layer = self.state.layers.setdefault((ctx.branch, self.layer), _LayerState())
+        out = None
+        if ctx.step_index in self.schedule.searches or layer.mask is None or layer.mask.shape[0] != b:
+            out = self._search(layer, q, k, v, ctx)
+        if out is None:
+            out, _ = block_sparse_attention(q, k, v, layer.mask, bs, backend=self.config.backend, need_lse=False)
+            self.counters["attention_blocks_computed"] += int(layer.mask.sum())
+            self.counters["sparse_calls"] += 1
+        else:
+            self.counters["attention_blocks_computed"] += b * h * nb * nb
+            self.counters["dense_calls"] += 1
+        return out.transpose(1, 2).to(query.dtype)
+
+    @torch.compiler.disable
+    def _search(self, layer: _LayerState, q, k, v, ctx) -> torch.Tensor | None:
+        """New masks for this layer and branch; returns the dense output when the search computed one."""
+        config, bs = self.config, self.config.block_size
+        start = time.perf_counter()
+        out = None
+        if config.estimator == "pooled":
+            weights = search.pooled_importance(q, k, bs)
+        else:
+            cached = layer.lse if layer.lse is not None and layer.lse.shape == q.shape[:3] else None
+            weights, out, lse = search.exact_importance(q, k, v, bs, config.backend, cached)
+            if cached is None:
+                layer.lse = lse
+                self.counters["dense_searches"] += 1
+            else:
+                self.counters["lse_cached_searches"] += 1
+        n_sink = search.sink_blocks(self.text_len, bs) if self.text_first else 0
+        n_sink = min(n_sink, weights.shape[-1])
+        layer.sparsity, layer.recall = search.head_sparsities(
+            weights, config.sparsity, n_sink, config.head_adaptive, config.recall_threshold
+        )
+        layer.mask = search.select_blocks(weights, layer.sparsity, n_sink)
+        if q.is_cuda:  # time the search's kernels, not their launch
+            torch.cuda.synchronize(q.device)
+        self.counters["searches"] += 1
+        self.counters["search_seconds"] += time.perf_counter() - start
+        steps = self.counters["search_steps"]
+        if ctx.step_index not in steps:
+            steps.append(ctx.step_index)
+        return out
+
+
+def _rebound_call(processor: Any, router: _Router):
+    """The processor class's own `__call__` code with `dispatch_attention_fn` resolved to `router`."""
+    function = type(processor).__call__
+    code = function.__code__
+    if "dispatch_attention_fn" not in code.co_names:
+        raise UnsupportedModelError(
+            f"sparse_attention: {type(processor).__name__} does not call dispatch_attention_fn; cannot route its attention"
+        )
+    namespace = dict(function.__globals__)
+    router.original = namespace["dispatch_attention_fn"]
+    namespace["dispatch_attention_fn"] = router
+    rebound = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
+    rebound.__kwdefaults__ = function.__kwdefaults__
+    return functools.partial(rebound, processor)
+
+
+class _SparseProcessor:
+    """Calls the original processor's code with attention routed to the router. Its `__call__` signature is the
+    original's (the attention module filters keyword arguments by it)."""
+
+    def __init__(self, original: Any, router: _Router):
+        self.original, self.router = original, router
+        self._call = _rebound_call(original, router)
+
+    def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ... of the original
+        return getattr(self.__dict__["original"], name)
+
+
+@functools.cache
+def _processor_class(original_cls: type) -> type:
+    def __call__(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    __call__.__signature__ = inspect.signature(original_cls.__call__)
+    return type(f"Sparse{original_cls.__name__}", (_SparseProcessor,), {"__call__": __call__})
+
+
+class SparseAttentionBlockHook(ModelHook):
+    """On a block: swaps its attention module's processor in for the call, reads the block's text length."""
+
+    def __init__(self, session: AccelSession, attention: torch.nn.Module, router: _Router):
+        super().__init__()
+        self.session, self.attention, self.router = session, attention, router
+        self.original = None
+
+    def initialize_hook(self, module):
+        self.original = self.attention.processor
+        self.attention.set_processor(_processor_class(type(self.original))(self.original, self.router))
+        return module
+
+    def deinitalize_hook(self, module):
+        if self.original is not None:
+            self.attention.set_processor(self.original)
+            self.original = None
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.router.text_first:
+            encoder = self.session.block_io(module).inputs(args, kwargs)[1]
+            self.router.text_len = int(encoder.shape[1]) if encoder is not None else 0
+        return args, kwargs
+
+
+def apply_sparse_attention(session: AccelSession, config: SparseAttentionConfig) -> MethodHandle:
+    route = ROUTES.get(session.adapter.family)
+    if route is None:  # pragma: no cover - the Method's families guard this first
+        raise UnsupportedModelError(f"sparse_attention: no attention route for {session.adapter.family}")
+    blocks = list(session.blocks())
+    chosen = set(range(len(blocks))) if config.layers is None else set(config.layers)
+    if config.layers is not None and max(chosen) >= len(blocks):
+        raise UnsupportedModelError(f"sparse_attention: layers go up to {len(blocks) - 1} for this model, got {max(chosen)}")
+    counters: dict[str, Any] = {
+        "attention_blocks_computed": 0, "attention_blocks_total": 0, "searches": 0, "dense_searches": 0,
+        "lse_cached_searches": 0, "search_seconds": 0.0, "search_steps": [], "sparse_calls": 0, "dense_calls": 0,
+    }
+    state = SparseState()
+    for layer, (_, _, block) in enumerate(blocks):
+        if layer not in chosen:
+            continue
+        attention = getattr(block, route.attention)
+        router = _Router(session, config, state, layer, route.text_first, None, counters)
+        session.add_hook(block, SparseAttentionBlockHook(session, attention, router), SPARSE_HOOK)
+    return MethodHandle(on_remove=state.reset, counters=counters)
+
+
+SPARSE_ATTENTION = Method(
+    "sparse_attention", SparseAttentionConfig, apply_sparse_attention,
+    "AdaSpa: block-sparse attention with per-head pattern search reused across steps (arXiv 2502.21079)",
+    families=("flux", "wan"),
+)
