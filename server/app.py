@@ -21,10 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.api.errors import APIError, api_error_handler, error_body, http_error_handler, validation_error_handler
 from server.api.routes import router
 from server.engine import Engine
-from server.jobs import MemoryJobStore
+from server.jobs import JobStore, make_job_store
 from server.metrics import Metrics
 from server.scheduler import Scheduler
-from server.settings import ServerSettings
+from server.settings import ServerSettings, SettingsError
 
 log = logging.getLogger("accel.server")
 
@@ -34,7 +34,7 @@ class AppState:
     settings: ServerSettings
     engine: Engine
     metrics: Metrics
-    jobs: MemoryJobStore
+    jobs: JobStore
     scheduler: Scheduler | None = None
     ready: bool = False
     load_error: str | None = None
@@ -51,19 +51,22 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = Metrics()
     app_state = AppState(settings=settings, engine=Engine(settings), metrics=metrics,
-                         jobs=MemoryJobStore(settings.job_ttl_s, settings.max_jobs))
+                         jobs=make_job_store(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app_state.scheduler = Scheduler(app_state.engine, settings, metrics)
         app_state.scheduler.start()
         loading = asyncio.get_running_loop().create_task(_load_models(app_state))
+        watching = asyncio.get_running_loop().create_task(_watch_cancellations(app_state))
         try:
             yield
         finally:
             await app_state.scheduler.drain(settings.shutdown_grace_s)
             loading.cancel()
+            watching.cancel()
             await app_state.scheduler.stop()
+            app_state.jobs.close()
 
     app = FastAPI(title="diffusion-accel", version="0.1.0", lifespan=lifespan,
                   description="Diffusion pipelines with per-request training-free acceleration.")
@@ -136,12 +139,34 @@ async def _load_models(app_state: AppState) -> None:
             app_state.on_fatal()
 
 
+async def _watch_cancellations(app_state: AppState) -> None:
+    """Jobs of this replica that a DELETE on another replica cancelled while they were still queued (a running
+    job notices by itself within one step: its progress write fails)."""
+    while True:
+        await asyncio.sleep(app_state.settings.job_poll_s)
+        waiting = {job_id: item for job_id, item in app_state.job_items.items() if item.started is None}
+        if not waiting:
+            continue
+        try:
+            cancelled = await asyncio.to_thread(app_state.jobs.cancelled, list(waiting))
+        except Exception as exc:  # noqa: BLE001 - a store outage must not kill the watcher
+            log.warning(json.dumps({"event": "job_store_error", "error": str(exc)}))
+            continue
+        for job_id in cancelled:
+            if app_state.scheduler is not None:
+                app_state.scheduler.cancel(waiting[job_id])
+
+
 def serve(settings: ServerSettings) -> int:
     """Run the server until SIGTERM/SIGINT; uvicorn drains connections, our lifespan drains the queue."""
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format="%(message)s")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except SettingsError as exc:  # e.g. job_store=redis and Redis does not answer
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None, access_log=False)
     server = uvicorn.Server(config)

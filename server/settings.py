@@ -52,6 +52,11 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0.0)
     job_ttl_s: float = Field(3600.0, gt=0.0, description="finished video jobs are forgotten after this")
     max_jobs: int = Field(1000, ge=1, description="video jobs kept (queued, running or finished)")
+    job_store: Literal["memory", "redis"] = Field(
+        "memory", description="where video jobs live: this process (one replica) or Redis (shared by replicas)")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for job_store=redis (redis://, rediss://, unix://)")
+    redis_prefix: str = Field("accel:", min_length=1, max_length=100, description="key prefix in Redis")
+    job_poll_s: float = Field(0.25, gt=0.0, le=60.0, description="how often queued jobs check for a cancel elsewhere")
     warmup: bool = Field(True, description="run one tiny generation per model before /ready turns true")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -64,6 +69,13 @@ class ServerSettings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         return models
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
+        return url
 
     @model_validator(mode="after")
     def _presets_exist(self) -> "ServerSettings":

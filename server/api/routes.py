@@ -36,6 +36,7 @@ from server.api.schemas import (
     VideoJob,
     VideoList,
 )
+from server.jobs import MemoryJobStore
 from server.scheduler import Cancelled, DeadlineExceeded, Draining, OutOfMemory, QueueFull, WorkItem
 
 log = logging.getLogger("accel.server")
@@ -234,42 +235,74 @@ async def create_video(request: Request):
                    seed=params.seed)
     timeout = body.timeout or app_state.settings.request_timeout_s
     item = WorkItem(model=model_id, params=params, accel=spec, deadline=time.monotonic() + timeout, kind="video")
+    writer = _JobWriter(app_state.jobs, job)
 
     def on_start():
-        job.status = "in_progress"
+        if not writer.write(status="in_progress"):  # deleted (on any replica) before it started
+            app_state.scheduler.cancel(item)
 
-    def on_progress(step: int, _total: int):
-        job.progress = min(99, int(100 * step / total_steps))
+    def on_progress(step: int, _total: int):  # in the engine's worker thread, after every step
+        if not writer.write(progress=min(99, int(100 * step / total_steps))):
+            item.cancelled, item.cancel_step = True, item.last_step  # deleted elsewhere: stop at this step
 
     item.on_start, item.on_progress = on_start, on_progress
     future = _submit(app_state, item)
-    app_state.jobs.put(job)
     app_state.job_items[job.id] = item
-    asyncio.get_running_loop().create_task(_finish_video(app_state, job, item, future))
+    try:
+        await _store(app_state, app_state.jobs.create, job)
+    except Exception:
+        app_state.job_items.pop(job.id, None)
+        app_state.scheduler.cancel(item)
+        raise
+    asyncio.get_running_loop().create_task(_finish_video(app_state, writer, item, future))
     request.state.log.update(model=model_id, spec=spec, seed=params.seed, job=job.id)
     return job
 
 
-async def _finish_video(app_state, job: VideoJob, item: WorkItem, future: asyncio.Future) -> None:
+class _JobWriter:
+    """This replica's copy of a job it runs. Every change is a new copy written through the store; a write that
+    the store refuses (the job was deleted, here or on another replica) answers False and the work stops."""
+
+    def __init__(self, store, job: VideoJob):
+        self.store, self.job = store, job
+
+    def write(self, **changes) -> bool:
+        self.job = self.job.model_copy(update=changes)
+        try:
+            return self.store.update(self.job)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not fail the job; the next step retries
+            log.warning(json.dumps({"event": "job_store_error", "job": self.job.id, "error": str(exc)}))
+            return True
+
+
+async def _store(app_state, method, *args):
+    """A store call off the event loop when the store is remote (Redis), inline when it is in this process."""
+    if isinstance(app_state.jobs, MemoryJobStore):
+        return method(*args)
+    return await asyncio.to_thread(method, *args)
+
+
+async def _finish_video(app_state, writer: _JobWriter, item: WorkItem, future: asyncio.Future) -> None:
+    job_id = writer.job.id
+    final: dict[str, Any] | None = None
     try:
         result = await future
-        content = await asyncio.to_thread(video_bytes, result.videos[0], job.fps)
-        app_state.jobs.put_content(job.id, content)
-        job.status, job.progress, job.acceleration = "completed", 100, result.report
+        content = await asyncio.to_thread(video_bytes, result.videos[0], writer.job.fps)
+        if await _store(app_state, app_state.jobs.put_content, job_id, content):
+            final = {"status": "completed", "progress": 100, "acceleration": result.report}
     except Cancelled:
-        job.status = "cancelled"
+        final = {"status": "cancelled"}
     except BaseException as exc:  # noqa: BLE001 - a failed job records its error; the server keeps serving
-        failure = _failure(exc, job.id)
-        job.status, job.error = "failed", {"code": failure.code or failure.type, "message": failure.message}
+        failure = _failure(exc, job_id)
+        final = {"status": "failed", "error": {"code": failure.code or failure.type, "message": failure.message}}
     finally:
-        job.completed_at = int(time.time())
-        app_state.job_items.pop(job.id, None)
-        if app_state.jobs.get(job.id) is job:
-            app_state.jobs.put(job)
+        app_state.job_items.pop(job_id, None)
+    if final is not None:  # a deleted job stays deleted: the store refuses the write
+        await asyncio.to_thread(writer.write, completed_at=int(time.time()), **final)
 
 
-def _job(app_state, video_id: str) -> VideoJob:
-    job = app_state.jobs.get(video_id)
+async def _job(app_state, video_id: str) -> VideoJob:
+    job = await _store(app_state, app_state.jobs.get, video_id)
     if job is None:
         raise APIError(404, f"no video job {video_id!r}", type="not_found_error", param="video_id")
     return job
@@ -277,21 +310,22 @@ def _job(app_state, video_id: str) -> VideoJob:
 
 @router.get("/v1/videos", dependencies=[Depends(require_api_key)])
 async def list_videos(request: Request) -> VideoList:
-    return VideoList(data=state(request).jobs.list())
+    app_state = state(request)
+    return VideoList(data=await _store(app_state, app_state.jobs.list))
 
 
 @router.get("/v1/videos/{video_id}", dependencies=[Depends(require_api_key)])
 async def get_video(request: Request, video_id: str) -> VideoJob:
-    return _job(state(request), video_id)
+    return await _job(state(request), video_id)
 
 
 @router.get("/v1/videos/{video_id}/content", dependencies=[Depends(require_api_key)])
 async def get_video_content(request: Request, video_id: str, variant: str = "video"):
     app_state = state(request)
-    job = _job(app_state, video_id)
+    job = await _job(app_state, video_id)
     if variant != "video":
         raise bad_request(f"variant: only 'video' is available, not {variant!r}", "variant")
-    content = app_state.jobs.get_content(video_id)
+    content = await _store(app_state, app_state.jobs.get_content, video_id)
     if job.status != "completed" or content is None:
         raise APIError(409, f"video {video_id} is not ready (status {job.status})", code="not_ready")
     return Response(content, media_type="video/mp4")
@@ -299,12 +333,14 @@ async def get_video_content(request: Request, video_id: str, variant: str = "vid
 
 @router.delete("/v1/videos/{video_id}", dependencies=[Depends(require_api_key)])
 async def delete_video(request: Request, video_id: str) -> VideoDeleted:
+    """Deletes the job in the store and raises its cancel flag: the replica running it (this one or another)
+    stops within one step; one where it still waits drops it within `job_poll_s`."""
     app_state = state(request)
-    _job(app_state, video_id)
+    await _job(app_state, video_id)
+    await _store(app_state, app_state.jobs.delete, video_id)
     item = app_state.job_items.get(video_id)
     if item is not None:
-        app_state.scheduler.cancel(item)  # a running batch stops within one step
-    app_state.jobs.delete(video_id)
+        app_state.scheduler.cancel(item)  # ours: a running batch stops within one step
     return VideoDeleted(id=video_id)
 
 

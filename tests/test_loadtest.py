@@ -1,0 +1,66 @@
+"""CI smoke load test: `python -m loadtests` (Locust, headless) against a real `accel serve` process with the tiny
+models for ~20 s; fails on any 5xx, request without a response, or lost request/job."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCEL = str(Path(sys.executable).with_name("accel"))
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = free_port()
+    env = {**os.environ, "ACCEL_WARMUP": "false", "ACCEL_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE",
+           "ACCEL_QUEUE_SIZE": "256",
+           "ACCEL_MODELS": '[{"id": "tiny-flux", "source": "tiny-flux"}, {"id": "tiny-wan", "source": "tiny-wan"}]'}
+    process = subprocess.Popen([ACCEL, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not become ready")
+    yield url
+    process.terminate()
+    process.wait(timeout=60)
+
+
+def test_loadtests_do_not_import_server_or_accel():
+    for path in (ROOT / "loadtests").glob("*.py"):
+        text = path.read_text()
+        assert "import server" not in text and "from server" not in text, path
+        assert "import accel" not in text and "from accel" not in text, path
+
+
+def test_smoke_load_has_no_5xx_and_loses_nothing(server_url, tmp_path):
+    out = tmp_path / "load"
+    command = [sys.executable, "-m", "loadtests", "--host", server_url, "--users", "4", "--spawn-rate", "4",
+               "--duration", "20s", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    run = report["runs"][0]
+    assert run["server_errors"] == 0 and run["no_response"] == 0 and run["lost"] == 0
+    assert run["requests"] > 10 and run["image_latency_ms"]["p50"] > 0 and run["videos_completed"] >= 1
+    assert set(run["status_counts"]) == {"200"}
+    assert run["server"]["batch_size"]["count"] > 0 and run["server"]["queue_seconds"]["mean"] is not None
+    assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| run |" in (out / "report.md").read_text()
