@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  accel generate --model tiny-flux --prompt "a red circle" --out red.png
-  accel generate --model tiny-flux --prompt "a red circle" --accel fast --out fast.png
+  accel generate --prompt "a red circle on the left" --out red.png          # shapes-flux, the default model
+  accel generate --prompt "a blue square at the top" --accel fast --out fast.png
   accel generate --model tiny-wan --prompt "a ball" --frames 5 --out ball.mp4
   accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
   accel make-model tiny-flux ./tiny-flux-dir      # a standard diffusers directory
@@ -21,7 +21,8 @@ EXAMPLES = """examples:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny-flux", help="built-in name, local diffusers dir, or hub id (default: tiny-flux)")
+    parser.add_argument("--model", default="shapes-flux",
+                        help="built-in name (see `accel models`), local diffusers dir, or hub id (default: shapes-flux)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="compile each transformer block (torch.compile)")

@@ -43,11 +43,16 @@ class ModelDefaults:
     extra: dict[str, Any] = field(default_factory=dict)  # pipeline kwargs the model needs, e.g. max_sequence_length
 
 
+DEFAULT_MODEL = "shapes-flux"  # the embedded default of the CLI and the server: trained here, no download
+
+
 def builtin_models() -> dict[str, Any]:
-    """Built-in model names -> their description records."""
+    """Built-in model names -> their description records: the reference model trained by the project
+    (`accel.refmodel`) and the random-weight models built from configs (`accel.testing.tiny`)."""
+    from accel.refmodel.model import REFMODELS
     from accel.testing.tiny import BUILTIN_MODELS
 
-    return dict(BUILTIN_MODELS)
+    return {**REFMODELS, **BUILTIN_MODELS}
 
 
 def defaults_of(model: Any) -> ModelDefaults:
@@ -64,9 +69,7 @@ def defaults_of(model: Any) -> ModelDefaults:
 
 
 def _build_builtin(name: str, seed: int = 0):
-    from accel.testing.tiny import build_pipeline
-
-    return build_pipeline(name, seed=seed)
+    return builtin_models()[name].builder(seed)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -199,11 +202,11 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool):
         where = "local directory" if local else "Hugging Face Hub (offline, or no such repository?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelNotFoundError(f"model {source!r}: could not load from the {where}: {first_line}") from None
-    _own_memory(pipe)
+    own_memory(pipe)
     return pipe
 
 
-def _own_memory(pipe) -> None:
+def own_memory(pipe) -> None:
     """Copy memory-mapped weights into fresh, aligned memory.
 
     safetensors files are mapped with 8-byte alignment; on CPU, MKL rounds some single-row matmuls differently on

@@ -1,0 +1,140 @@
+"""Tests for shapes-flux, the FLUX-architecture reference model trained by the project on coloured shapes.
+
+(a) the committed weights load offline and generate deterministically at the model's defaults;
+(b) the training script runs end to end (both stages, tiny) and ``--resume`` continues exactly where it stopped;
+(c) the committed model follows held-out prompts (compositions never seen in training), checked by the exact scorer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+
+from accel.refmodel.evaluate import evaluate, generate_images
+from accel.refmodel.model import (
+    MAX_SEQUENCE_LENGTH,
+    REFMODELS,
+    WEIGHTS_DIR,
+    ShapesFluxWeightsMissing,
+    build_untrained,
+    load_shapes_flux,
+)
+from accel.refmodel.shapes import ALL_TRIPLES, make_caption
+
+
+@pytest.fixture(scope="module")
+def shapes_flux():
+    return load_shapes_flux()
+
+
+def test_registry_entry_and_architecture(shapes_flux):
+    entry = REFMODELS["shapes-flux"]
+    assert (entry.task, entry.family) == ("text-to-image", "flux")
+    assert (entry.default_height, entry.default_width, entry.default_steps) == (128, 128, 28)
+    assert entry.pipeline_kwargs == {"max_sequence_length": MAX_SEQUENCE_LENGTH}
+    assert entry.builder is load_shapes_flux
+    pipe = shapes_flux
+    assert isinstance(pipe, FluxPipeline)
+    tr = pipe.transformer
+    assert isinstance(tr, FluxTransformer2DModel)
+    assert len(tr.transformer_blocks) >= 1 and len(tr.single_transformer_blocks) >= 1  # both block types
+    assert pipe.vae_scale_factor == 16
+    assert pipe.scheduler.config.use_dynamic_shifting
+    assert pipe.vae.config.scaling_factor != 1.0  # measured latent statistics
+    # no caption of the grammar is truncated by the T5 tokenizer at the model's max_sequence_length
+    longest = max((make_caption([a, b]) for a in ALL_TRIPLES for b in ALL_TRIPLES if a[2] != b[2]), key=len)
+    assert len(pipe.tokenizer_2(longest).input_ids) <= MAX_SEQUENCE_LENGTH
+    # the committed weights stay small
+    size = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20
+
+
+def test_loads_offline_and_is_deterministic(shapes_flux):
+    entry = REFMODELS["shapes-flux"]
+
+    def run(seed):
+        return shapes_flux(
+            "a red circle on the left",
+            height=entry.default_height,
+            width=entry.default_width,
+            num_inference_steps=4,
+            guidance_scale=entry.default_guidance,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+            **entry.pipeline_kwargs,
+        ).images
+
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (1, 128, 128, 3)
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_missing_weights_error(tmp_path):
+    with pytest.raises(ShapesFluxWeightsMissing, match="accel.refmodel.train"):
+        load_shapes_flux(weights_dir=tmp_path / "nope")
+
+
+def test_untrained_architecture_generates_at_128():
+    pipe = build_untrained(0)
+    img = pipe("a blue square at the top", height=128, width=128, num_inference_steps=2,
+               max_sequence_length=MAX_SEQUENCE_LENGTH, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert img.shape == (1, 128, 128, 3)
+
+
+@pytest.mark.slow
+def test_training_smoke_and_resume(tmp_path):
+    from accel.refmodel.train import main
+
+    common = ["--batch-size", "4", "--vae-batch-size", "4", "--pool-size", "32", "--vae-stat-images", "8",
+              "--ckpt-every", "2", "--device", "cpu"]
+    a = tmp_path / "a"
+    main(["--stage", "all", "--out", str(a), "--vae-steps", "3", "--transformer-steps", "2", *common])
+    assert (a / "model_index.json").is_file() and (a / "vae" / "config.json").is_file()
+    pipe = load_shapes_flux(weights_dir=a)
+    assert pipe.vae.config.scaling_factor != 1.0
+    out = generate_images(pipe, ["a green square in the center"], steps=2)
+    assert out[0].shape == (128, 128, 3) and out[0].dtype == np.uint8
+
+    # an interrupted run (stopped after its step-2 checkpoint) ...
+    main(["--stage", "transformer", "--out", str(a), "--steps", "4", "--stop-at", "2", *common])
+    assert torch.load(a / "checkpoints" / "transformer.pt", weights_only=False)["step"] == 2
+    # ... continued with --resume from its step-2 checkpoint to step 4 ...
+    main(["--stage", "transformer", "--out", str(a), "--steps", "4", "--resume", *common])
+    log = [json.loads(line) for line in (a / "checkpoints" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["stage"] == "transformer" and log[-1].get("done")
+    resumed = torch.load(a / "checkpoints" / "transformer.pt", weights_only=False)
+    assert resumed["step"] == 4
+    # ... exactly as an uninterrupted 4-step run from the same VAE does
+    b = tmp_path / "b"
+    main(["--stage", "transformer", "--out", str(b), "--vae", str(a / "vae"), "--steps", "4", *common])
+    straight = torch.load(b / "checkpoints" / "transformer.pt", weights_only=False)
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_adherence_regression_floor(shapes_flux):
+    """The committed weights (1,000 transformer steps, see docs/refmodel.md) at 28 steps, held-out single-shape
+    captions: measured 7/18 fully correct (0.389; colour 0.67, position 1.0) on the development CPU. A floor, not
+    the target: it catches a broken loader, scheduler or VAE normalisation (those give ~0)."""
+    results = evaluate(shapes_flux, 18, steps=28, n_double=0, n_train=0, verbose=False)
+    single = results["heldout_single"]
+    assert single["n"] == 18
+    assert single["all_correct"] >= 0.25, single
+    assert single["position"] >= 0.8, single
+
+
+@pytest.mark.xfail(reason="target of issue 8 not reached yet: the committed model is under-trained "
+                   "(0.31 held-out single at n=64); see docs/refmodel.md", strict=False)
+def test_adherence_target_on_heldout_compositions(shapes_flux):
+    """28 steps (the default), captions whose (colour, shape, position) triples never appeared in training."""
+    results = evaluate(shapes_flux, 18, steps=28, n_double=12, n_train=0, verbose=False)
+    single, double = results["heldout_single"], results["heldout_double"]
+    assert single["all_correct"] >= 0.85, single
+    assert double["all_correct"] >= 0.5, double
