@@ -29,7 +29,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_cache_context
 
 from accel.adapters import BlockIO, ModelAdapter, adapter_for
-from accel.base import MethodConfig, MethodHandle
+from accel.base import MethodConfig
 from accel.errors import SpecError
 
 TRACKER_HOOK = "accel_step_tracker"

@@ -1,8 +1,14 @@
 """A real uvicorn server in a background thread, for tests over HTTP."""
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -46,3 +52,47 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+ACCEL = str(Path(sys.executable).with_name("accel"))
+
+
+class ServeProcess:
+    """`accel serve` as a real process on a free port; settings as keyword arguments become ACCEL_* variables."""
+
+    def __init__(self, **settings):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "ACCEL_WARMUP": "false", "ACCEL_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE"}
+        for name, value in settings.items():
+            env["ACCEL_" + name.upper()] = value if isinstance(value, str) else json.dumps(value)
+        self.process = subprocess.Popen([ACCEL, "serve", "--port", str(self.port)], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 120) -> "ServeProcess":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"accel serve exited: {self.process.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError("accel serve did not become ready")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    def stop(self) -> str:
+        """SIGTERM (drain), then the process's output."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.stdout.read()

@@ -2,13 +2,9 @@
 here on a free port, no persistence); a job submitted on one is polled, fetched and cancelled on the other.
 Plus the store contract, run against both stores."""
 
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,9 +12,8 @@ import pytest
 from server.api.schemas import VideoJob
 from server.jobs import MemoryJobStore, RedisJobStore
 from server.settings import SettingsError, load_settings
-from server_fixtures import free_port
+from server_fixtures import ServeProcess, free_port
 
-ACCEL = str(Path(sys.executable).with_name("accel"))
 
 
 @pytest.fixture(scope="module")
@@ -85,43 +80,9 @@ def test_settings_validate_the_store():
         create_app(load_settings(job_store="redis", redis_url=f"redis://127.0.0.1:{free_port()}/0"))
 
 
-class Replica:
-    def __init__(self, redis_url: str, prefix: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "ACCEL_WARMUP": "false", "ACCEL_JOB_STORE": "redis", "ACCEL_REDIS_URL": redis_url,
-               "ACCEL_REDIS_PREFIX": prefix, "ACCEL_MAX_STEPS": "500", "ACCEL_LOG_LEVEL": "warning",
-               "ACCEL_MODELS": '[{"id": "tiny-wan", "source": "tiny-wan"}]', "OMP_WAIT_POLICY": "PASSIVE"}
-        self.process = subprocess.Popen([ACCEL, "serve", "--port", str(self.port)], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def wait_ready(self, deadline: float) -> None:
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"replica exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail("replica did not become ready")
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
-
-    def running(self) -> float:
-        return self.metric("accel_running")
-
-    def stop(self) -> str:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.stdout.read()
+def replica(redis_url: str, prefix: str) -> ServeProcess:
+    return ServeProcess(job_store="redis", redis_url=redis_url, redis_prefix=prefix, max_steps="500",
+                        models=[{"id": "tiny-wan", "source": "tiny-wan"}])
 
 
 def _wait_status(url: str, job_id: str, status: str, seconds: float = 30) -> dict:
@@ -136,11 +97,10 @@ def _wait_status(url: str, job_id: str, status: str, seconds: float = 30) -> dic
 
 def test_two_replicas_share_jobs_through_redis(redis_url):
     prefix = f"r{time.time_ns()}:"
-    a, b = Replica(redis_url, prefix), Replica(redis_url, prefix)
+    a, b = replica(redis_url, prefix), replica(redis_url, prefix)
     try:
-        deadline = time.time() + 120
-        a.wait_ready(deadline)
-        b.wait_ready(deadline)
+        a.wait_ready()
+        b.wait_ready()
         small = {"model": "tiny-wan", "size": "32x32", "num_frames": 5, "seed": 1}
 
         # submitted on A, polled (progress moves) and downloaded on B
@@ -176,11 +136,11 @@ def test_two_replicas_share_jobs_through_redis(redis_url):
         queued = httpx.post(a.url + "/v1/videos", json={**small, "prompt": "queued", "num_inference_steps": 2},
                             timeout=10).json()
         assert httpx.delete(f"{b.url}/v1/videos/{queued['id']}", timeout=5).json()["deleted"]
-        assert a.running() == 1
+        assert a.metric("accel_running") == 1
         deleted_at = time.time()
         assert httpx.delete(f"{b.url}/v1/videos/{slow['id']}", timeout=5).json()["deleted"]
         assert httpx.get(f"{a.url}/v1/videos/{slow['id']}", timeout=5).status_code == 404
-        while a.running() != 0:
+        while a.metric("accel_running") != 0:
             assert time.time() - deleted_at < 5, "replica A kept running the deleted job"
             time.sleep(0.01)
         stopped_after = time.time() - deleted_at

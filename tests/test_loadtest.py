@@ -2,45 +2,23 @@
 models for ~20 s; fails on any 5xx, request without a response, or lost request/job."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from server_fixtures import free_port
+from server_fixtures import ServeProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCEL = str(Path(sys.executable).with_name("accel"))
 
 
 @pytest.fixture(scope="module")
 def server_url():
-    port = free_port()
-    env = {**os.environ, "ACCEL_WARMUP": "false", "ACCEL_LOG_LEVEL": "warning", "OMP_WAIT_POLICY": "PASSIVE",
-           "ACCEL_QUEUE_SIZE": "256",
-           "ACCEL_MODELS": '[{"id": "tiny-flux", "source": "tiny-flux"}, {"id": "tiny-wan", "source": "tiny-wan"}]'}
-    process = subprocess.Popen([ACCEL, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not become ready")
-    yield url
-    process.terminate()
-    process.wait(timeout=60)
+    server = ServeProcess(queue_size=256, models=[{"id": "tiny-flux", "source": "tiny-flux"},
+                                                  {"id": "tiny-wan", "source": "tiny-wan"}]).wait_ready()
+    yield server.url
+    server.stop()
 
 
 def test_loadtests_do_not_import_server_or_accel():

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from accel import SpecError, accelerate
 from accel.cli import main

@@ -1,20 +1,16 @@
 """Settings validation and the real `accel serve` process: start-up, bad settings, SIGTERM drain."""
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from server.settings import SettingsError, load_settings
-from server_fixtures import free_port
+from server_fixtures import ACCEL, ServeProcess
 
-ACCEL = str(Path(sys.executable).with_name("accel"))
 
 
 @pytest.mark.parametrize(
@@ -62,37 +58,24 @@ def test_serve_refuses_bad_settings_with_a_message(tmp_path):
 
 
 def test_serve_process_drains_in_flight_work_on_sigterm():
-    port = free_port()
-    env = {**os.environ, "ACCEL_WARMUP": "false", "ACCEL_SHUTDOWN_GRACE_S": "60"}
-    process = subprocess.Popen([ACCEL, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    server = ServeProcess(shutdown_grace_s="60")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server did not become ready")
+        server.wait_ready()
         result = {}
 
         def slow_request():
             body = {"prompt": "x", "size": "64x64", "num_inference_steps": 60, "seed": 1}
-            result["response"] = httpx.post(url + "/v1/images/generations", json=body, timeout=120)
+            result["response"] = httpx.post(server.url + "/v1/images/generations", json=body, timeout=120)
 
         thread = threading.Thread(target=slow_request)
         thread.start()
         time.sleep(0.5)  # the request is in flight
-        process.send_signal(signal.SIGTERM)
+        server.process.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert result["response"].status_code == 200  # finished, not dropped
         # a clean shutdown; uvicorn re-raises the captured SIGTERM on exit, the conventional status
-        assert process.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert "Traceback" not in process.stdout.read()
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in server.process.stdout.read()
     finally:
-        if process.poll() is None:
-            process.kill()
+        if server.process.poll() is None:
+            server.process.kill()
