@@ -26,8 +26,9 @@ class ModelAdapter:
         single-stream).
     cfg_layout: how the pipeline runs classifier-free guidance: "separate" (one transformer call per branch inside
         `cache_context("cond"/"uncond")`), or "batch" (one call on `cat([uncond, cond])`).
-    protected_blocks: blocks that structural methods (pruning, block dropping) must never remove, as
-        (stack, index); the first block of each stack is always protected.
+    self_attention: attribute of a block's self-attention module (the one attention methods may change), or None
+        where no attention method supports the family yet.
+    text_first: whether text tokens lead that attention's sequence (FLUX's joint [text, image] attention).
     """
 
     family: str
@@ -36,6 +37,8 @@ class ModelAdapter:
     stacks: tuple[str, ...]
     cfg_layout: Literal["separate", "batch"]
     task: Literal["text-to-image", "text-to-video"]
+    self_attention: str | None = None
+    text_first: bool = False
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
@@ -62,6 +65,8 @@ ADAPTERS: dict[str, ModelAdapter] = {
             stacks=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate",
             task="text-to-image",
+            self_attention="attn",  # joint [text, image] attention in dual and single blocks
+            text_first=True,
         ),
         ModelAdapter(
             family="wan",
@@ -70,6 +75,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             stacks=("blocks",),
             cfg_layout="separate",
             task="text-to-video",
+            self_attention="attn1",  # self-attention over video tokens; attn2 (cross-attention to text) untouched
         ),
         ModelAdapter(
             family="sd3",

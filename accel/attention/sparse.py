@@ -123,20 +123,6 @@ class Schedule:
         return self.start is not None and step >= self.start
 
 
-@dataclass(frozen=True)
-class _Route:
-    """Per family: which attention module of a block is sparsified and whether text tokens lead its sequence."""
-
-    attention: str
-    text_first: bool
-
-
-ROUTES: dict[str, _Route] = {
-    "flux": _Route(attention="attn", text_first=True),  # joint [text, image] attention, dual and single blocks
-    "wan": _Route(attention="attn1", text_first=False),  # self-attention over video tokens; attn2 stays dense
-}
-
-
 @dataclass
 class _LayerState:
     mask: torch.Tensor | None = None  # (B, H, nb, nb) bool, reused until the next search
@@ -299,9 +285,9 @@ class SparseAttentionBlockHook(ModelHook):
 
 
 def apply_sparse_attention(session: AccelSession, config: SparseAttentionConfig) -> MethodHandle:
-    route = ROUTES.get(session.adapter.family)
-    if route is None:  # pragma: no cover - the Method's families guard this first
-        raise UnsupportedModelError(f"sparse_attention: no attention route for {session.adapter.family}")
+    adapter = session.adapter
+    if adapter.self_attention is None:  # pragma: no cover - the Method's families guard this first
+        raise UnsupportedModelError(f"sparse_attention: no self-attention known for the {adapter.family} family")
     blocks = list(session.blocks())
     chosen = set(range(len(blocks))) if config.layers is None else set(config.layers)
     if config.layers is not None and max(chosen) >= len(blocks):
@@ -314,8 +300,8 @@ def apply_sparse_attention(session: AccelSession, config: SparseAttentionConfig)
     for layer, (_, _, block) in enumerate(blocks):
         if layer not in chosen:
             continue
-        attention = getattr(block, route.attention)
-        router = _Router(session, config, state, layer, route.text_first, None, counters)
+        attention = getattr(block, adapter.self_attention)
+        router = _Router(session, config, state, layer, adapter.text_first, None, counters)
         session.add_hook(block, SparseAttentionBlockHook(session, attention, router), SPARSE_HOOK)
     return MethodHandle(on_remove=state.reset, counters=counters)
 
