@@ -184,7 +184,10 @@ def test_spec_forms_are_equivalent():
     parsed = [parse_spec(f) for f in forms]
     assert all(p == parsed[0] for p in parsed)
     assert parse_spec("off") == parse_spec(None) == parse_spec([]) == []
-    assert parse_spec("fast")[0].method == "fbcache"
+    from accel.presets import PRESETS
+
+    for name, spec in PRESETS.items():
+        assert parse_spec(name) == parse_spec(spec)
 
 
 @pytest.mark.parametrize(

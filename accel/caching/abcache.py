@@ -29,7 +29,8 @@ from accel.base import Method, MethodConfig, MethodHandle
 
 
 class ABCacheConfig(MethodConfig):
-    """Knobs of AB-Cache. Defaults: the authors' schedule; spacing measured best (see docs/benchmarks.md)."""
+    """Knobs of AB-Cache. Defaults: the authors' schedule; spacing="steps", measured best on shapes-flux, bench-flux
+    and tiny-wan (docs/benchmarks.md)."""
 
     method: Literal["abcache"] = "abcache"
     order: int = Field(2, ge=1, le=4, description="Number of cached outputs extrapolated from (1 = plain reuse).")
@@ -37,7 +38,7 @@ class ABCacheConfig(MethodConfig):
     interval: int = Field(6, ge=1, le=1000, description="Step i computes when i % interval == 0. 1 = off. Default 6.")
     final: int = Field(0, ge=0, le=1000, description="Trailing steps always computed. Default 0 (authors).")
     spacing: Literal["sigmas", "steps", "binomial"] = Field(
-        "sigmas", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
+        "steps", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
         "fixed binomial weights."
     )
 

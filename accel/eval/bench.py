@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from accel.eval.metrics import fidelity
 from accel.generate import GenerationParams, GenerationResult, generate
+from accel.errors import SpecError
 from accel.spec import parse_spec
 
 BASELINE = "baseline"
@@ -77,7 +78,7 @@ def run_bench(
     params = dict(params or {})
     labels = [_label(s) for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError("bench: the same spec is given twice")
+        raise SpecError("bench: the same spec is given twice: " + ", ".join(sorted({l for l in labels if labels.count(l) > 1})))
     runs = {label: SpecRun() for label in [BASELINE, *labels]}
     grid_rows: list[list[np.ndarray]] = []
     names = [BASELINE, *labels]
