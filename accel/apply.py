@@ -201,7 +201,7 @@ class StepTracker:
             branch = "batch"
         else:
             branch = "cond"
-        num_steps = plan.num_steps if plan is not None and plan.num_steps else (outer.num_inference_steps or 0) if outer else 0
+        num_steps = (plan.num_steps if plan is not None else 0) or (outer.num_inference_steps if outer else 0) or 0
         return StepContext(step_index=step, branch=branch, timestep=float(t), sigma=sigma, num_steps=num_steps)
 
 

@@ -56,7 +56,6 @@ class GenerationResult:
     latents: torch.Tensor | None
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # what the pipeline was called with (minus tensors)
 
     @property
     def is_video(self) -> bool:
@@ -165,7 +164,6 @@ def generate_batch(
     video = adapter_for(pipe).task == "text-to-video"
     frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
     latents = captured.get("latents")
-    shown = {k: v for k, v in kwargs.items() if not callable(v) and not isinstance(v, (torch.Generator, list))}
     results, offset = [], 0
     for request in batch:
         part = slice(offset, offset + request.num_outputs)
@@ -177,7 +175,6 @@ def generate_batch(
                 latents=None if latents is None else latents[part],
                 seconds=seconds,
                 report=report.as_dict(),
-                kwargs=shown,
             )
         )
     return results

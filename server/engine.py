@@ -41,7 +41,6 @@ class BatchRecord:
     steps_run: int = 0
     total_steps: int = 0
     interrupted_at: int | None = None
-    cancel_seen_at: int | None = None
 
 
 class Engine:

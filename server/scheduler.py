@@ -64,7 +64,7 @@ class WorkItem:
     started: float | None = None
     finished: float | None = None
     cancelled: bool = False
-    on_progress: Callable[[int, int], None] | None = None
+    on_progress: Callable[[int], None] | None = None  # steps done, after every step
     on_start: Callable[[], None] | None = None
     future: asyncio.Future | None = None
     batch_size: int = 0
@@ -190,7 +190,7 @@ class Scheduler:
             for item in batch:
                 item.last_step = step
                 if item.on_progress:
-                    item.on_progress(step, 0)
+                    item.on_progress(step)
             return all(item.cancelled or item.expired() for item in batch)
 
         head = batch[0]

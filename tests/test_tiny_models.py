@@ -6,19 +6,13 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from accel.loading import own_memory
 from accel.testing.tiny import BUILTIN_MODELS, BuiltinModel, build_pipeline
+from helpers import CFG
+from helpers import SMALL as HELPER_SMALL
 
 TINY = ("tiny-flux", "tiny-wan", "tiny-sd3")
-SMALL = {
-    "tiny-flux": dict(height=64, width=64, num_inference_steps=2),
-    "tiny-wan": dict(height=32, width=32, num_frames=5, num_inference_steps=2, guidance_scale=1.0),
-    "tiny-sd3": dict(height=64, width=64, num_inference_steps=2, guidance_scale=1.0),
-}
-CFG = {
-    "tiny-flux": dict(true_cfg_scale=2.0, negative_prompt="blurry"),
-    "tiny-wan": dict(guidance_scale=3.0, negative_prompt="blurry"),
-    "tiny-sd3": dict(guidance_scale=3.0, negative_prompt="blurry"),
-}
+SMALL = {name: {**settings, "num_inference_steps": 2} for name, settings in HELPER_SMALL.items()}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,16 +37,8 @@ def run(pipe, name, prompt="a red circle on the left", **overrides):
 
 
 def realign(pipe):
-    """Copy every weight into fresh (64-byte aligned) memory.
-
-    from_pretrained maps safetensors files, whose tensors are only 8-byte aligned; for a one-row input (M=1) MKL's
-    GEMV rounds differently on weights that are not 16-byte aligned (1 ulp), so a reload can differ in the last bit
-    for a reason that has nothing to do with what was saved. Realigned, the output must match bit for bit.
-    """
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in [*component.parameters(), *component.buffers()]:
-                tensor.data = tensor.data.clone()
+    """The reloaded pipeline with its weights copied into aligned memory (why: `accel.loading.own_memory`)."""
+    own_memory(pipe)
     return pipe
 
 

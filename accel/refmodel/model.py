@@ -38,6 +38,7 @@ from accel.testing.tiny import (
     _flux_scheduler,
     _t5_kwargs,
     clip_tokenizer,
+    image_vae,
     t5_tokenizer,
 )
 
@@ -60,7 +61,7 @@ MAX_SEQUENCE_LENGTH = 72
 CLIP_HIDDEN = 64
 T5_DIM = 64
 VAE_CHANNELS = (16, 32, 64, 64, 64)
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = 16  # fixed in accel.testing.tiny.image_vae
 
 
 class ShapesFluxWeightsMissing(FileNotFoundError):
@@ -69,26 +70,8 @@ class ShapesFluxWeightsMissing(FileNotFoundError):
 
 def build_vae(seed: int = 0, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
     """The untrained shapes-flux VAE (spatial factor 16 = 2 ** (levels - 1))."""
-    return _build(
-        seed,
-        "vae",
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-            up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-            block_out_channels=VAE_CHANNELS,
-            layers_per_block=1,
-            latent_channels=LATENT_CHANNELS,
-            norm_num_groups=8,
-            sample_size=128,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            mid_block_add_attention=False,
-        ),
-    )
+    return image_vae(seed, scaling_factor=scaling_factor, shift_factor=shift_factor, channels=VAE_CHANNELS,
+                     norm_groups=8, sample_size=128)
 
 
 def build_transformer(seed: int = 0) -> FluxTransformer2DModel:

@@ -170,8 +170,17 @@ def _t5_kwargs(tokenizer: T5Tokenizer, d_model: int) -> dict[str, Any]:
     )
 
 
-def _image_vae(seed: int, scaling_factor: float, shift_factor: float) -> AutoencoderKL:
-    """A 16-latent-channel `AutoencoderKL` with 4 levels (spatial factor 8, as FLUX's and SD3's), about 85k parameters.
+def image_vae(
+    seed: int,
+    *,
+    scaling_factor: float,
+    shift_factor: float,
+    channels: tuple[int, ...] = (8, 16, 16, 16),
+    norm_groups: int = 4,
+    sample_size: int = 32,
+) -> AutoencoderKL:
+    """A 16-latent-channel `AutoencoderKL`, spatial factor 2 ** (levels - 1); by default 4 levels (factor 8, as
+    FLUX's and SD3's), about 85k parameters.
 
     Like FLUX's VAE it has no quant convs; the mid-block attention is off so that decoding 512x512 stays cheap.
     """
@@ -181,12 +190,13 @@ def _image_vae(seed: int, scaling_factor: float, shift_factor: float) -> Autoenc
         lambda: AutoencoderKL(
             in_channels=3,
             out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * len(channels),
+            up_block_types=("UpDecoderBlock2D",) * len(channels),
+            block_out_channels=channels,
             layers_per_block=1,
             latent_channels=16,
-            norm_num_groups=4,
+            norm_num_groups=norm_groups,
+            sample_size=sample_size,
             scaling_factor=scaling_factor,
             shift_factor=shift_factor,
             use_quant_conv=False,
@@ -248,7 +258,7 @@ def _flux_pipeline(
     )
     return FluxPipeline(
         scheduler=_flux_scheduler(),
-        vae=_image_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE factors
+        vae=image_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE factors
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
@@ -356,7 +366,7 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3 medium's
-        vae=_image_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE factors
+        vae=image_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE factors
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,

@@ -241,7 +241,7 @@ async def create_video(request: Request):
         if not writer.write(status="in_progress"):  # deleted (on any replica) before it started
             app_state.scheduler.cancel(item)
 
-    def on_progress(step: int, _total: int):  # in the engine's worker thread, after every step
+    def on_progress(step: int):  # in the engine's worker thread, after every step
         if not writer.write(progress=min(99, int(100 * step / total_steps))):
             item.cancelled, item.cancel_step = True, item.last_step  # deleted elsewhere: stop at this step
 
