@@ -94,7 +94,6 @@ def run_bench(
     total = len(cases) * repeats * len(names)
     bar = tqdm(total=total, desc="bench", disable=not progress, unit="run")
     for case_index, case in enumerate(cases):
-        baseline_result: GenerationResult | None = None
         results: dict[str, GenerationResult] = {}
         for repeat in range(repeats):
             order = names[(case_index + repeat) % len(names):] + names[: (case_index + repeat) % len(names)]
