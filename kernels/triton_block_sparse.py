@@ -24,6 +24,12 @@ from kernels.block_sparse import _check, mask_to_kv_blocks, num_blocks
 
 
 @triton.jit
+def _load_rows(base, stride_l, offs, ok, offs_d, d_ok):
+    """Rows ``offs`` (all ``DP`` padded columns) of one (batch, head) slice starting at ``base``; zeros outside."""
+    return tl.load(base + offs[:, None] * stride_l + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, KV_NUM, KV_IDX,
     stride_qb, stride_qh, stride_ql,
@@ -41,10 +47,7 @@ def _block_sparse_fwd(
     offs_n0 = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-        mask=(offs_m[:, None] < L) & d_ok[None, :], other=0.0,
-    )
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_ql, offs_m, offs_m < L, offs_d, d_ok)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, DP], dtype=tl.float32)
@@ -54,14 +57,8 @@ def _block_sparse_fwd(
         kb = tl.load(KV_IDX + row * NB + j)
         offs_n = kb * BLOCK + offs_n0
         n_ok = offs_n < L
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
-        v = tl.load(
-            V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        k = _load_rows(K + b * stride_kb + h * stride_kh, stride_kl, offs_n, n_ok, offs_d, d_ok)
+        v = _load_rows(V + b * stride_vb + h * stride_vh, stride_vl, offs_n, n_ok, offs_d, d_ok)
         s = tl.dot(q, tl.trans(k)) * scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -98,18 +95,12 @@ def _block_importance(
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
     m_ok = offs_m < L
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
-        mask=m_ok[:, None] & d_ok[None, :], other=0.0,
-    )
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_ql, offs_m, m_ok, offs_d, d_ok)
     lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("inf"))
     for kb in range(0, NB):
         offs_n = kb * BLOCK + offs_n0
         n_ok = offs_n < L
-        k = tl.load(
-            K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-        )
+        k = _load_rows(K + b * stride_kb + h * stride_kh, stride_kl, offs_n, n_ok, offs_d, d_ok)
         s = tl.dot(q, tl.trans(k)) * scale
         p = tl.exp(s - lse[:, None])
         p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
