@@ -18,6 +18,7 @@ from accel.refmodel.evaluate import evaluate, generate_images
 from accel.refmodel.model import (
     MAX_SEQUENCE_LENGTH,
     REFMODELS,
+    VOCABULARY,
     WEIGHTS_DIR,
     ShapesFluxWeightsMissing,
     build_untrained,
@@ -48,6 +49,10 @@ def test_registry_entry_and_architecture(shapes_flux):
     # no caption of the grammar is truncated by the T5 tokenizer at the model's max_sequence_length
     longest = max((make_caption([a, b]) for a in ALL_TRIPLES for b in ALL_TRIPLES if a[2] != b[2]), key=len)
     assert len(pipe.tokenizer_2(longest).input_ids) <= MAX_SEQUENCE_LENGTH
+    # every word of the grammar is one T5 token; other words fall back to characters, never <unk>
+    assert len(pipe.tokenizer_2(longest).input_ids) == len(longest.split()) + 1
+    assert set(VOCABULARY) >= set(longest.split())
+    assert pipe.tokenizer_2.unk_token_id not in pipe.tokenizer_2("a purple hexagon, top-left").input_ids
     # the committed weights stay small
     size = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
     assert size <= 40 * 2**20
@@ -102,6 +107,16 @@ def test_training_smoke_and_resume(tmp_path):
     out = generate_images(pipe, ["a green square in the center"], steps=2)
     assert out[0].shape == (128, 128, 3) and out[0].dtype == np.uint8
 
+    # a pool whose text embeddings came from other text encoders keeps its latents and encodes the captions again
+    pool_path = a / "checkpoints" / "pool.pt"
+    pool = torch.load(pool_path, weights_only=False)
+    torch.save({**pool, "text_key": None, "prompt_embeds": torch.zeros(1)}, pool_path)
+    main(["--stage", "transformer", "--out", str(a), "--steps", "2", "--resume", *common])  # runs no step
+    rebuilt = torch.load(pool_path, weights_only=False)
+    assert rebuilt["text_key"] == pool["text_key"]
+    torch.testing.assert_close(rebuilt["latents"], pool["latents"], rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt["prompt_embeds"], pool["prompt_embeds"], rtol=0, atol=0)
+
     # an interrupted run (stopped after its step-2 checkpoint) ...
     main(["--stage", "transformer", "--out", str(a), "--steps", "4", "--stop-at", "2", *common])
     assert torch.load(a / "checkpoints" / "transformer.pt", weights_only=False)["step"] == 2
@@ -117,6 +132,16 @@ def test_training_smoke_and_resume(tmp_path):
     straight = torch.load(b / "checkpoints" / "transformer.pt", weights_only=False)
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=1e-5, atol=1e-6)
+
+    # --train-text-encoder warm-starts from that frozen-T5 checkpoint: T5 learns, and its EMA weights are exported
+    main(["--stage", "transformer", "--out", str(b), "--steps", "6", "--resume", "--train-text-encoder", *common])
+    state = torch.load(b / "checkpoints" / "transformer.pt", weights_only=False)
+    frozen_pipe = load_shapes_flux(weights_dir=a)
+    assert state["step"] == 6 and len(state["ema_text"]) == len(list(frozen_pipe.text_encoder_2.parameters()))
+    frozen = frozen_pipe.text_encoder_2.state_dict()
+    exported = load_shapes_flux(weights_dir=b).text_encoder_2.state_dict()
+    assert any(not torch.equal(frozen[k], state["text_encoder"][k]) for k in frozen)
+    assert any(not torch.equal(frozen[k], exported[k]) for k in frozen)
 
 
 def test_adherence_regression_floor(shapes_flux):

@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
 from accel.loading import own_memory
+from accel.refmodel.shapes import COLORS, POSITIONS, SHAPES
 from accel.testing.tiny import (
     BuiltinModel,
     _build,
@@ -53,10 +54,12 @@ __all__ = [
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "shapes-flux"
 
-# The T5 tokenizer is character-level: the longest caption of the grammar ("a yellow triangle at the bottom and a
-# yellow triangle in the center", 67 characters) is 69 tokens with word-start marks and </s>; 72 leaves no caption
-# truncated. (CLIP's byte-level tokenizer drops spaces: at most 57 tokens, under its 77.)
-MAX_SEQUENCE_LENGTH = 72
+# The T5 tokenizer knows the grammar's words as whole tokens (other words fall back to characters): the longest
+# caption ("a yellow triangle at the bottom and a yellow triangle in the center") is 13 words + </s> = 14 tokens;
+# 16 truncates no caption of the grammar. (CLIP's byte-level tokenizer drops spaces: at most 57 tokens, under 77;
+# FluxPipeline only reads its pooled output.)
+MAX_SEQUENCE_LENGTH = 16
+VOCABULARY: tuple[str, ...] = ("a", "and", *COLORS, *SHAPES, *(w for p in POSITIONS for w in p.split()))
 
 CLIP_HIDDEN = 64
 T5_DIM = 64
@@ -75,15 +78,15 @@ def build_vae(seed: int = 0, scaling_factor: float = 1.0, shift_factor: float = 
 
 
 def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
-    """The untrained shapes-flux transformer: 2 dual + 4 single blocks, 6 heads of 32."""
+    """The untrained shapes-flux transformer: 3 dual + 6 single blocks, 6 heads of 32."""
     return _build(
         seed,
         "transformer",
         lambda: FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * LATENT_CHANNELS,  # 16 latent channels packed 2x2
-            num_layers=2,
-            num_single_layers=4,
+            num_layers=3,
+            num_single_layers=6,
             attention_head_dim=32,
             num_attention_heads=6,
             joint_attention_dim=T5_DIM,
@@ -96,7 +99,7 @@ def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
 
 def build_untrained(seed: int = 0, vae: AutoencoderKL | None = None) -> FluxPipeline:
     """The shapes-flux architecture with random weights (text encoders frozen, everything in eval mode)."""
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer(words=VOCABULARY)
     text_encoder = _build(
         seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, CLIP_HIDDEN, CLIP_HIDDEN))
     )

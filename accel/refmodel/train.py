@@ -167,14 +167,8 @@ def train_vae(args: argparse.Namespace, out: Path, device: torch.device) -> Path
 
 
 @torch.no_grad()
-def build_pool(pipe: Any, args: argparse.Namespace, out: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Latents (normalised as the pipeline normalises them) of ``--pool-size`` training images, and the frozen
-    text encoders' outputs for their captions (index 0: the empty caption)."""
-    path = out / "checkpoints" / "pool.pt"
-    if path.is_file():
-        pool = torch.load(path, weights_only=False)
-        if pool["latents"].shape[0] == args.pool_size and pool.get("seed") == args.data_seed:
-            return pool
+def _encode_latents(pipe: Any, args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
+    """Latents of the pool's training images (normalised as the pipeline does) and their captions."""
     ds = ShapesDataset("train", size=IMAGE_SIZE, seed=args.data_seed, length=10**8)
     offset = 10**8 // 2  # second half of the index range: images the VAE never saw
     vae = pipe.vae.to(device).eval()
@@ -185,6 +179,24 @@ def build_pool(pipe: Any, args: argparse.Namespace, out: Path, device: torch.dev
         x = _images(ds, idx).to(device)
         latents.append(((vae.encode(x).latent_dist.mean - shf) * sf).float().cpu())
         captions += [ds.scene(i).caption for i in idx]
+    return latents, captions
+
+
+@torch.no_grad()
+def build_pool(pipe: Any, args: argparse.Namespace, out: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """Latents (normalised as the pipeline normalises them) of ``--pool-size`` training images, and the frozen
+    text encoders' outputs for their captions (index 0: the empty caption)."""
+    path = out / "checkpoints" / "pool.pt"
+    text_key = [MAX_SEQUENCE_LENGTH, len(pipe.tokenizer_2), len(pipe.tokenizer)]
+    pool = torch.load(path, weights_only=False) if path.is_file() else None
+    if pool is not None and pool["latents"].shape[0] == args.pool_size and pool.get("seed") == args.data_seed:
+        if pool.get("text_key") == text_key and "t5_ids" in pool:
+            return pool
+        # same images, other text encoders: keep the latents, encode the captions again
+        latents = [pool["latents"]]
+        captions = [pool["captions"][i] for i in pool["caption_index"].tolist()]
+    else:
+        latents, captions = _encode_latents(pipe, args, device)
     unique = [""] + sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
     embeds, pooled = [], []
@@ -199,8 +211,12 @@ def build_pool(pipe: Any, args: argparse.Namespace, out: Path, device: torch.dev
         "caption_index": torch.tensor([index[c] for c in captions]),
         "captions": unique,
         "prompt_embeds": torch.cat(embeds),
+        # T5 inputs exactly as FluxPipeline tokenizes them (for --train-text-encoder)
+        "t5_ids": pipe.tokenizer_2(unique, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                                   return_tensors="pt").input_ids,
         "pooled": torch.cat(pooled),
         "seed": args.data_seed,
+        "text_key": text_key,
     }
     _save(path, pool)
     print(f"latent pool: {len(captions)} images, {len(unique)} distinct captions; latent std "
@@ -238,21 +254,42 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
     pool = build_pool(pipe, args, out, device)
 
     transformer = pipe.transformer.to(device).train()
-    ema = [p.detach().clone() for p in transformer.parameters()]
+    # With --train-text-encoder the T5 encoder (random at first, like the frozen one) learns with the transformer;
+    # a checkpoint written without it (frozen T5) resumes with T5 at its initial weights: a warm start.
+    text_encoder = pipe.text_encoder_2.to(device)
+    if args.train_text_encoder:
+        text_encoder.requires_grad_(True).train()
+    trained = list(transformer.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
+    ema = [p.detach().clone() for p in trained]
     opt = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt_text = torch.optim.AdamW(text_encoder.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
     ckpt_path = out / "checkpoints" / "transformer.pt"
     start = 0
     if args.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         transformer.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        ema = [t.to(device) for t in state["ema"]]
+        ema[: len(state["ema"])] = [t.to(device) for t in state["ema"]]
+        if args.train_text_encoder and "text_encoder" in state:
+            text_encoder.load_state_dict(state["text_encoder"])
+            opt_text.load_state_dict(state["opt_text"])
+            ema[len(state["ema"]) :] = [t.to(device) for t in state["ema_text"]]
         start = state["step"]
-        print(f"resumed transformer training at step {start}")
+        print(f"resumed transformer training at step {start}"
+              + (" (text encoder from its initial weights)" if args.train_text_encoder and "text_encoder" not in state
+                 else ""))
+    n_tr = len(list(transformer.parameters()))
+
+    def checkpoint(done: int) -> None:
+        state = {"model": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema[:n_tr], "step": done}
+        if args.train_text_encoder:
+            state.update(text_encoder=text_encoder.state_dict(), opt_text=opt_text.state_dict(), ema_text=ema[n_tr:])
+        _save(ckpt_path, state)
 
     latents = pool["latents"].to(device)
     cap_index = pool["caption_index"].to(device)
     prompt_embeds, pooled = pool["prompt_embeds"].to(device), pool["pooled"].to(device)
+    t5_ids = pool["t5_ids"].to(device)
     n_pool, (c, h, w) = latents.shape[0], latents.shape[1:]
     seq_len = (h // 2) * (w // 2)
     sigma_of, mu = _sigma_sampler(pipe, seq_len)
@@ -283,21 +320,24 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
             timestep=sigma,
             guidance=None,
             pooled_projections=pooled[ci],
-            encoder_hidden_states=prompt_embeds[ci],
+            encoder_hidden_states=text_encoder(t5_ids[ci])[0] if args.train_text_encoder else prompt_embeds[ci],
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
         )[0]
         loss = F.mse_loss(pred, pipe._pack_latents(target, bs, c, h, w))
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, args.lr, warmup=min(args.warmup, steps))
-        opt.zero_grad(set_to_none=True)
+        optimizers = (opt, opt_text) if args.train_text_encoder else (opt,)
+        for o in optimizers:
+            for group in o.param_groups:
+                group["lr"] = _lr(step, steps, args.lr, warmup=min(args.warmup, steps))
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        for o in optimizers:
+            o.step()
         decay = min(args.ema, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
-            for e, p in zip(ema, transformer.parameters()):
+            for e, p in zip(ema, trained):
                 e.lerp_(p.detach(), 1.0 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.set_postfix(loss=f"{avg:.4f}")
@@ -305,55 +345,56 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
         if done % 50 == 0 or done == steps:
             _log(out, {"stage": "transformer", "step": done, "loss": avg, "elapsed_s": round(time.perf_counter() - t0, 1)})
         if done % args.ckpt_every == 0 or done == steps:
-            _save(ckpt_path, {"model": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": done})
+            checkpoint(done)
         if args.eval_every and (done % args.eval_every == 0 or done == steps):
-            _eval(pipe, transformer, ema, args, out, done)
-            transformer.train()
+            _eval(pipe, ema, args, out, done)
         if args.stop_at and done >= args.stop_at and done < steps:
-            _save(ckpt_path, {"model": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": done})
+            checkpoint(done)
             bar.close()
             print(f"stopped at step {done} of {steps} (--stop-at); continue with --resume")
             return out
     bar.close()
 
-    _export(pipe, transformer, ema, out)
+    _export(pipe, ema, out)
     _log(out, {"stage": "transformer", "done": True, "elapsed_s": round(time.perf_counter() - t0, 1)})
     return out
 
 
-def _ema_pipe(pipe: Any, transformer: torch.nn.Module, ema: list[torch.Tensor]) -> Any:
-    """``pipe`` on CPU with a copy of the transformer holding the EMA weights."""
+def _ema_pipe(pipe: Any, ema: list[torch.Tensor]) -> Any:
+    """A CPU copy of ``pipe`` in eval mode whose transformer (and T5 encoder, when it was trained) hold the EMA
+    weights; ``pipe`` itself is left as it is."""
     import copy
 
-    ema_tr = copy.deepcopy(transformer).cpu().eval()
-    with torch.no_grad():
-        for p, e in zip(ema_tr.parameters(), ema):
-            p.copy_(e.cpu())
-    for comp in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+    ema_pipe = copy.copy(pipe)  # shallow: shares the frozen components
+    modules = [("transformer", pipe.transformer)]
+    if len(ema) > len(list(pipe.transformer.parameters())):
+        modules.append(("text_encoder_2", pipe.text_encoder_2))
+    rest = iter(ema)
+    for name, module in modules:
+        copy_ = copy.deepcopy(module).cpu().eval()
+        with torch.no_grad():
+            for p in copy_.parameters():
+                p.copy_(next(rest).cpu())
+        setattr(ema_pipe, name, copy_)
+    for comp in (ema_pipe.vae, ema_pipe.text_encoder, ema_pipe.text_encoder_2):
         comp.cpu().eval()
-    pipe.transformer = ema_tr
-    return pipe
+    return ema_pipe
 
 
-def _eval(pipe: Any, transformer: torch.nn.Module, ema: list[torch.Tensor], args: argparse.Namespace, out: Path,
-          step: int) -> None:
+def _eval(pipe: Any, ema: list[torch.Tensor], args: argparse.Namespace, out: Path, step: int) -> None:
     from .evaluate import evaluate
 
-    original = pipe.transformer
-    try:
-        results = evaluate(_ema_pipe(pipe, transformer, ema), args.eval_n, steps=28, n_double=args.eval_n,
-                           n_train=0, verbose=False)
-    finally:
-        pipe.transformer = original
+    results = evaluate(_ema_pipe(pipe, ema), args.eval_n, steps=28, n_double=args.eval_n, n_train=0, verbose=False)
     msg = {k: round(v["all_correct"], 3) for k, v in results.items()}
     tqdm.write(f"step {step}: adherence (EMA, 28 steps, n={args.eval_n}) {msg}")
     _log(out, {"stage": "transformer", "step": step, "eval": results})
 
 
-def _export(pipe: Any, transformer: torch.nn.Module, ema: list[torch.Tensor], out: Path) -> None:
-    pipe = _ema_pipe(pipe, transformer, ema)
-    pipe.save_pretrained(out)
-    print(f"pipeline (EMA transformer) saved to {out}")
+def _export(pipe: Any, ema: list[torch.Tensor], out: Path) -> None:
+    ema_pipe = _ema_pipe(pipe, ema)
+    ema_pipe.text_encoder_2.requires_grad_(False)
+    ema_pipe.save_pretrained(out)
+    print(f"pipeline (EMA weights) saved to {out}")
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -379,6 +420,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the T5 encoder with the transformer (it starts from its random initial weights, also "
+                        "when resuming a checkpoint written without it)")
     p.add_argument("--empty-caption-prob", type=float, default=0.1)
     p.add_argument("--pool-size", type=int, default=16384)
     p.add_argument("--ckpt-every", type=int, default=200)

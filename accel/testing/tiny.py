@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from diffusers import (
@@ -120,15 +120,19 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
 
 
-def t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+def t5_tokenizer(model_max_length: int = 512, words: Sequence[str] = ()) -> T5Tokenizer:
     """T5's Unigram tokenizer over single printable-ASCII characters: ``<pad>``=0, ``</s>``=1, ``<unk>``=2.
 
     One piece per character makes the segmentation unique, hence deterministic. Byte fallback would cover unicode,
     but transformers rebuilds the tokenizer from its vocabulary on load and drops that flag, which would break the
     save/load round trip; so non-ASCII characters become ``<unk>`` (the CLIP tokenizer still sees their bytes).
+
+    ``words``: whole-word pieces (``"\u2581red"``) scored far above any spelling of them in characters, so a known
+    word is always one token and any other word still falls back to its characters (never ``<unk>``).
     """
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # "▁" marks a word start
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]  # "\u2581" marks a word start
     pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
