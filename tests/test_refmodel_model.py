@@ -2,7 +2,8 @@
 
 (a) the committed weights load offline and generate deterministically at the model's defaults;
 (b) the training script runs end to end (both stages, tiny) and ``--resume`` continues exactly where it stopped;
-(c) the committed model follows held-out prompts (compositions never seen in training), checked by the exact scorer.
+(c) the committed model follows held-out prompts (compositions never seen in training) as issue 8 requires, checked by
+    the exact scorer.
 """
 
 from __future__ import annotations
@@ -144,22 +145,14 @@ def test_training_smoke_and_resume(tmp_path):
     assert any(not torch.equal(frozen[k], exported[k]) for k in frozen)
 
 
-def test_adherence_regression_floor(shapes_flux):
-    """The committed weights (2,000 transformer steps, see docs/refmodel.md) at 28 steps, held-out single-shape
-    captions: measured 7/18 fully correct (0.389; colour 0.67, position 1.0) on the development CPU. A floor, not
-    the target: it catches a broken loader, scheduler or VAE normalisation (those give ~0)."""
-    results = evaluate(shapes_flux, 18, steps=28, n_double=0, n_train=0, verbose=False)
-    single = results["heldout_single"]
-    assert single["n"] == 18
-    assert single["all_correct"] >= 0.25, single
-    assert single["position"] >= 0.8, single
-
-
-@pytest.mark.xfail(reason="target of issue 8 not reached yet: the committed model is under-trained "
-                   "(0.47 held-out single at n=64); see docs/refmodel.md", strict=False)
 def test_adherence_target_on_heldout_compositions(shapes_flux):
-    """28 steps (the default), captions whose (colour, shape, position) triples never appeared in training."""
-    results = evaluate(shapes_flux, 18, steps=28, n_double=12, n_train=0, verbose=False)
+    """Issue 8's target at the default 28 steps, on captions whose (colour, shape, position) triples never appeared
+    in training: >= 85% of single-shape and >= 50% of two-shape captions fully right. Measured on the committed
+    weights (development CPU): 18/18 single and 23/32 double (0.719); on 64 of each: 1.000 / 0.766
+    (docs/refmodel.md). 32 double captions leave a margin of several images for float differences across CPUs."""
+    results = evaluate(shapes_flux, 18, steps=28, n_double=32, n_train=0, verbose=False)
     single, double = results["heldout_single"], results["heldout_double"]
+    assert (single["n"], double["n"]) == (18, 32)
     assert single["all_correct"] >= 0.85, single
     assert double["all_correct"] >= 0.5, double
+    assert single["position"] >= 0.95 and double["position"] >= 0.9, results

@@ -8,14 +8,16 @@ exactly by ``accel.refmodel.scorer``.
 
 Architecture (``build_untrained``):
 
-- transformer: 2 dual-stream + 4 single-stream blocks, 6 heads of 32 (width 192), no guidance embedding
+- transformer: 3 dual-stream + 6 single-stream blocks, 6 heads of 32 (width 192), no guidance embedding
   (``guidance_embeds=False``: plain flow matching, so ``guidance_scale`` is ignored by the pipeline; real CFG is
   available through ``true_cfg_scale`` + ``negative_prompt``, since 10% of training captions were empty);
 - VAE: `AutoencoderKL` with 5 levels (channels 16-32-64-64-64, spatial factor 16), 16 latent channels, no quant
   convs, no mid-block attention; ``scaling_factor`` / ``shift_factor`` set from measured latent statistics. A
   128x128 image is an 8x8x16 latent, i.e. 16 image tokens after FLUX's 2x2 packing;
-- text encoders: tiny CLIP and T5 with random weights, frozen (never trained), and the in-memory character-level
-  tokenizers of ``accel.testing.tiny``;
+- text encoders: tiny CLIP (random, frozen; FluxPipeline reads only its pooled output) and T5 (trained with the
+  transformer: FLUX gives text tokens no position, so which colour goes with which position must come from T5's
+  outputs, and a random T5 does not separate them); in-memory tokenizers, T5's with the grammar's words as whole
+  tokens (``VOCABULARY``);
 - scheduler: FLUX.1's (dynamic shifting, base/max shift 0.5/1.15).
 
 Generation sizes must be multiples of 32 (the VAE's factor 16 times FLUX's 2x2 packing); the model was trained at
@@ -98,7 +100,8 @@ def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
 
 
 def build_untrained(seed: int = 0, vae: AutoencoderKL | None = None) -> FluxPipeline:
-    """The shapes-flux architecture with random weights (text encoders frozen, everything in eval mode)."""
+    """The shapes-flux architecture with random weights (text encoders frozen, everything in eval mode; training
+    unfreezes T5 with ``--train-text-encoder``)."""
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer(words=VOCABULARY)
     text_encoder = _build(
         seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, CLIP_HIDDEN, CLIP_HIDDEN))
@@ -147,7 +150,7 @@ REFMODELS: dict[str, BuiltinModel] = {
         task="text-to-image",
         family="flux",
         description=(
-            "FLUX (2 dual + 4 single blocks, 6x32 heads, 5M params) trained here on coloured shapes; "
+            "FLUX (3 dual + 6 single blocks, 6x32 heads, 7.6M params) trained here on coloured shapes; "
             "prompts like 'a red circle on the left and a blue square at the top', scored by accel.refmodel.scorer"
         ),
         default_height=128,

@@ -26,7 +26,9 @@ the transformer gets ``timestep = s`` (FluxPipeline passes ``t / 1000``), and ``
 schedule shifts it: ``s = time_shift(mu, u)``, ``u ~ U(0, 1]``, with ``mu`` computed from the image sequence length
 as FluxPipeline does (``calculate_shift`` with the scheduler's base/max shift and sequence lengths). 10% of captions
 are replaced by the empty caption. No guidance embedding (``guidance_embeds=False``). AdamW, linear warm-up, cosine
-decay to 10%, an EMA of the weights (exported).
+decay to 10%, an EMA of the weights (exported). With ``--train-text-encoder`` the T5 encoder learns too (CLIP stays
+frozen): FLUX gives text tokens no position, so binding each colour and shape to its position in a two-shape caption
+must come from T5's outputs, which a random frozen T5 does not provide.
 """
 
 from __future__ import annotations
