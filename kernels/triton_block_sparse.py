@@ -30,6 +30,16 @@ def _load_rows(base, stride_l, offs, ok, offs_d, d_ok):
 
 
 @triton.jit
+def _query_tile(H, L, BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
+    """This program's query block and (batch, head), its row offsets and the padded head-dim offsets, with masks."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, DP)
+    return qb, bh, bh // H, bh % H, offs_m, offs_m < L, tl.arange(0, BLOCK), offs_d, offs_d < D
+
+
+@triton.jit
 def _block_sparse_fwd(
     Q, K, V, O, LSE, KV_NUM, KV_IDX,
     stride_qb, stride_qh, stride_ql,
@@ -39,15 +49,8 @@ def _block_sparse_fwd(
     H, L, NB, scale,
     BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n0 = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_ql, offs_m, offs_m < L, offs_d, d_ok)
+    qb, bh, b, h, offs_m, m_ok, offs_n0, offs_d, d_ok = _query_tile(H, L, BLOCK, D, DP)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_ql, offs_m, m_ok, offs_d, d_ok)
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, DP], dtype=tl.float32)
@@ -70,7 +73,6 @@ def _block_sparse_fwd(
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log(safe_l), float("-inf"))
-    m_ok = offs_m < L
     tl.store(
         O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
         out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :],
@@ -86,15 +88,7 @@ def _block_importance(
     H, L, NB, scale,
     BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = qb * BLOCK + tl.arange(0, BLOCK)
-    offs_n0 = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    m_ok = offs_m < L
+    qb, bh, b, h, offs_m, m_ok, offs_n0, offs_d, d_ok = _query_tile(H, L, BLOCK, D, DP)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, stride_ql, offs_m, m_ok, offs_d, d_ok)
     lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=float("inf"))
     for kb in range(0, NB):
