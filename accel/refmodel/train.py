@@ -261,6 +261,7 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
     text_encoder = pipe.text_encoder_2.to(device)
     if args.train_text_encoder:
         text_encoder.requires_grad_(True).train()
+    n_tr = len(list(transformer.parameters()))  # ema[:n_tr]: transformer, ema[n_tr:]: T5 (when trained)
     trained = list(transformer.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
     ema = [p.detach().clone() for p in trained]
     opt = torch.optim.AdamW(transformer.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -271,16 +272,14 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         transformer.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        ema[: len(state["ema"])] = [t.to(device) for t in state["ema"]]
-        if args.train_text_encoder and "text_encoder" in state:
+        ema[:n_tr] = [t.to(device) for t in state["ema"]]
+        warm_start = args.train_text_encoder and "text_encoder" not in state
+        if args.train_text_encoder and not warm_start:
             text_encoder.load_state_dict(state["text_encoder"])
             opt_text.load_state_dict(state["opt_text"])
-            ema[len(state["ema"]) :] = [t.to(device) for t in state["ema_text"]]
+            ema[n_tr:] = [t.to(device) for t in state["ema_text"]]
         start = state["step"]
-        print(f"resumed transformer training at step {start}"
-              + (" (text encoder from its initial weights)" if args.train_text_encoder and "text_encoder" not in state
-                 else ""))
-    n_tr = len(list(transformer.parameters()))
+        print(f"resumed transformer training at step {start}" + (" (T5 from its initial weights)" if warm_start else ""))
 
     def checkpoint(done: int) -> None:
         state = {"model": transformer.state_dict(), "opt": opt.state_dict(), "ema": ema[:n_tr], "step": done}
@@ -393,9 +392,7 @@ def _eval(pipe: Any, ema: list[torch.Tensor], args: argparse.Namespace, out: Pat
 
 
 def _export(pipe: Any, ema: list[torch.Tensor], out: Path) -> None:
-    ema_pipe = _ema_pipe(pipe, ema)
-    ema_pipe.text_encoder_2.requires_grad_(False)
-    ema_pipe.save_pretrained(out)
+    _ema_pipe(pipe, ema).save_pretrained(out)
     print(f"pipeline (EMA weights) saved to {out}")
 
 
