@@ -23,6 +23,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_ready(url: str, timeout: float, probe_timeout: float, check=lambda: None) -> bool:
+    """Poll ``url``/ready until it answers 200 (True) or ``timeout`` seconds pass (False); ``check`` runs before
+    each probe and may raise (e.g. when the server process has exited)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        check()
+        try:
+            if httpx.get(url + "/ready", timeout=probe_timeout).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 class LiveServer:
     def __init__(self, **settings):
         settings.setdefault("models", [{"id": "tiny-flux", "source": "tiny-flux"}, {"id": "tiny-wan", "source": "tiny-wan"}])
@@ -39,15 +54,9 @@ class LiveServer:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
+        if not wait_until_ready(self.url, 180, probe_timeout=2):
+            raise RuntimeError("server did not become ready")
+        return self
 
     def __exit__(self, *exc):
         self.server.should_exit = True
@@ -70,18 +79,14 @@ class ServeProcess:
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_ready(self, timeout: float = 120) -> "ServeProcess":
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+        def check_alive() -> None:
             if self.process.poll() is not None:
                 raise RuntimeError(f"accel serve exited: {self.process.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.process.kill()
-        raise RuntimeError("accel serve did not become ready")
+
+        if not wait_until_ready(self.url, timeout, probe_timeout=1, check=check_alive):
+            self.process.kill()
+            raise RuntimeError("accel serve did not become ready")
+        return self
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text
