@@ -18,7 +18,7 @@ COPY server ./server
 COPY kernels ./kernels
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu -c constraints.txt torch \
-    && /opt/venv/bin/pip install -c constraints.txt ".[redis]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[server,redis]"
 
 # ---- CPU runtime -----------------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS cpu
@@ -51,7 +51,7 @@ COPY kernels ./kernels
 # torch first from the CUDA index, pinned by constraints.txt; xformers and triton then resolve to builds matching it
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --index-url "${TORCH_INDEX}" -c constraints.txt torch \
-    && /opt/venv/bin/pip install -c constraints.txt ".[gpu,redis]"
+    && /opt/venv/bin/pip install -c constraints.txt ".[server,gpu,redis]"
 
 # ---- GPU runtime (default target): CUDA runtime libraries, no compilers -------------------------------------------
 FROM ${CUDA_IMAGE} AS gpu

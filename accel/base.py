@@ -8,12 +8,9 @@ order in which they are applied; `accel/apply.py` runs them for one pipeline cal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
-
-if TYPE_CHECKING:  # pragma: no cover
-    from accel.apply import AccelSession
 
 
 class MethodConfig(BaseModel):
@@ -65,8 +62,9 @@ class Method:
 
     name: str
     config_cls: type[MethodConfig]
-    apply: Callable[["AccelSession", MethodConfig], MethodHandle]
+    apply: Callable[[Any, MethodConfig], MethodHandle]  # (accel.session.AccelSession, config) -> handle
     summary: str
     exclusive: str | None = None
+    conflicts: tuple[str, ...] = ()  # methods this one cannot be combined with (checked in `parse_spec`)
     families: tuple[str, ...] | None = None  # None: every family an adapter covers
     at_attach: bool = False  # apply when the `accelerate` block is entered (methods that patch the pipeline call)

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field, TypeAdapter, ValidationError
 
 from accel.base import MethodConfig
-from accel.errors import SpecError
+from accel.errors import SpecError, validation_errors
 from accel.methods import APPLICATION_ORDER, METHODS
 from accel.presets import PRESETS
 
@@ -31,13 +31,21 @@ def method_names() -> str:
     return ", ".join(METHODS)
 
 
-def _format_validation_error(method: str, exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p != method]
-        field = ".".join([method, *loc]) if loc else method
-        parts.append(f"{field}: {err['msg']}")
-    return "; ".join(parts)
+class AccelSpec(list):
+    """A validated spec: configs in application order, each method at most once, no conflicting methods.
+
+    What `parse_spec` returns and what `accelerate` and `generate_batch` take without parsing again. `key` is its
+    canonical form (equal for equal specs however they were written), used to batch requests together."""
+
+    @property
+    def key(self) -> str:
+        return ";".join(config.shorthand() for config in self) or "off"
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [config.model_dump(mode="json") for config in self]
+
+    def method(self, name: str) -> MethodConfig | None:
+        return next((config for config in self if config.method == name), None)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -80,7 +88,7 @@ def parse_shorthand(text: str) -> dict[str, Any]:
     for item in _split_top_level(rest):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SpecError(f"{method.strip()}: expected key=value, got {item!r}")
+            raise SpecError(f"{method.strip()}: expected key=value, got {item!r}", field=method.strip())
         spec[key.strip()] = _parse_value(value.strip())
     return spec
 
@@ -94,12 +102,13 @@ def validate_one(item: Any) -> MethodConfig:
     if not isinstance(item, dict):
         raise SpecError(f"accelerator spec must be an object, a string or a list, got {type(item).__name__}")
     method = item.get("method")
-    if method not in METHODS:
-        raise SpecError(f"unknown accelerator method {method!r}; known methods: {method_names()}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise SpecError(f"unknown accelerator method {method!r}; known methods: {method_names()}", field="method")
     try:
         return _spec_adapter().validate_python(item)
     except ValidationError as exc:
-        raise SpecError(_format_validation_error(method, exc)) from None
+        message, field = validation_errors(exc.errors(), prefix=method)
+        raise SpecError(message, field=field) from None
 
 
 def _expand(spec: Any) -> list[Any]:
@@ -129,27 +138,31 @@ def _expand(spec: Any) -> list[Any]:
     return [spec]
 
 
-def parse_spec(spec: Any) -> list[MethodConfig]:
-    """Validate a spec (any accepted form) into configs in application order; errors name the field."""
+def parse_spec(spec: Any) -> AccelSpec:
+    """Validate a spec (any accepted form) into configs in application order; errors name the field.
+
+    Conflicts are checked here, once, from what each `Method` declares: at most one method of an `exclusive`
+    group, and none of the methods a method `conflicts` with."""
+    if isinstance(spec, AccelSpec):
+        return spec
     configs = [validate_one(item) for item in _expand(spec)]
-    seen: dict[str, str] = {}
+    names = [config.method for config in configs]
     groups: dict[str, str] = {}
-    for config in configs:
-        if config.method in seen:
-            raise SpecError(f"{config.method}: given twice in one spec")
-        seen[config.method] = config.method
-        group = METHODS[config.method].exclusive
-        if group is not None:
-            if group in groups:
+    for name in names:
+        method = METHODS[name]
+        if names.count(name) > 1:
+            raise SpecError(f"{name}: given twice in one spec", field=name)
+        for other in method.conflicts:
+            if other in names:
+                raise SpecError(f"{name}: cannot be combined with {other}", field=name)
+        if method.exclusive is not None:
+            if method.exclusive in groups:
                 raise SpecError(
-                    f"{config.method}: cannot be combined with {groups[group]} (both are '{group}' methods; pick one)"
+                    f"{name}: cannot be combined with {groups[method.exclusive]} "
+                    f"(both are '{method.exclusive}' methods; pick one)", field=name,
                 )
-            groups[group] = config.method
-    return sorted(configs, key=lambda c: APPLICATION_ORDER.index(c.method))
-
-
-def spec_to_json(configs: list[MethodConfig]) -> list[dict[str, Any]]:
-    return [c.model_dump(mode="json") for c in configs]
+            groups[method.exclusive] = name
+    return AccelSpec(sorted(configs, key=lambda c: APPLICATION_ORDER.index(c.method)))
 
 
 def method_schemas() -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from accel.errors import AccelError, SpecError
 from accel.generate import GenerationParams, pipeline_kwargs
 from accel.io import image_bytes, video_bytes
 from accel.presets import PRESET_DESCRIPTIONS, PRESETS, QUALITY_TO_PRESET
-from accel.spec import method_schemas, parse_spec, spec_to_json
+from accel.spec import method_schemas, parse_spec
 
 from server.api.errors import APIError, bad_request, error_body
 from server.api.schemas import (
@@ -79,7 +79,7 @@ def _spec(body, loaded, quality: str | None = None) -> list[dict]:
     if spec is None:
         spec = QUALITY_TO_PRESET.get(quality or "", loaded.settings.default_preset)
     try:
-        return spec_to_json(parse_spec(spec))
+        return parse_spec(spec).to_json()
     except SpecError as exc:
         raise bad_request(str(exc), "acceleration") from None
 
