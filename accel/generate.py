@@ -1,8 +1,11 @@
 """Run a pipeline from validated, family-independent generation parameters.
 
-The CLI, the benchmark and the server all generate through `generate()`, so the same request and seed give the
-same output everywhere. Parameters a model does not take (frames for an image model, `true_cfg_scale` outside
-FLUX) and sizes that are not a multiple of the model's factor are errors that name the field, not warnings.
+The CLI, the benchmark and the server all generate through `generate_batch()`, so the same request and seed give
+the same output everywhere. A request is checked against the model once (`resolve_params`: the model's defaults
+filled in; knobs a model does not take, sizes that are not a multiple of the model's factor and frame counts its VAE
+cannot encode are errors naming the field); the server does that at admission, and `generate_batch` then only
+assembles the call. `model_info` and `frames_for_duration` answer what callers need to know about a model, so they
+never reach into `accel.adapters`.
 """
 
 from __future__ import annotations
@@ -10,15 +13,22 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from accel import accelerate
 from accel.adapters import adapter_for
-from accel.apply import accelerate
-from accel.errors import GenerationParamsError
+from accel.errors import GenerationParamsError, validation_errors
+from accel.loading import ModelDefaults
+from accel.spec import AccelSpec, parse_spec
+
+# the knobs of a pipeline call a request sets (the rest: prompts, outputs per prompt, seeds)
+CALL_KNOBS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "height", "width", "num_frames")
+_DEFAULTED = ("height", "width", "num_inference_steps", "guidance_scale", "num_frames")
 
 
 class GenerationParams(BaseModel):
@@ -43,8 +53,81 @@ class GenerationParams(BaseModel):
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
-            msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise GenerationParamsError(msg) from None
+            message, first = validation_errors(exc.errors())
+            raise GenerationParamsError(message, field=first) from None
+
+
+class ResolvedParams(GenerationParams):
+    """A request checked against one model, its defaults filled in (made by `resolve_params` only)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a caller needs to know about a loaded model: its task, family, generation defaults and the size and
+    frame-count rules of its VAE and transformer."""
+
+    task: str
+    family: str
+    defaults: ModelDefaults
+    size_multiple: int  # height and width are multiples of this
+    temporal_factor: int  # video frames are temporal_factor * k + 1 (1: any count)
+
+    @property
+    def fps(self) -> int:
+        return self.defaults.fps or 8
+
+
+def model_info(pipe: Any) -> ModelInfo:
+    adapter = adapter_for(pipe)
+    return ModelInfo(
+        task=adapter.task,
+        family=adapter.family,
+        defaults=getattr(pipe, "accel_defaults", None) or ModelDefaults(),
+        size_multiple=adapter.size_multiple(pipe),
+        temporal_factor=getattr(pipe, "vae_scale_factor_temporal", 1) or 1,
+    )
+
+
+def frames_for_duration(pipe: Any, seconds: float, fps: int) -> int:
+    """Frames for a clip of `seconds` at `fps`, rounded to a count the model's VAE encodes (k * factor + 1)."""
+    temporal = model_info(pipe).temporal_factor
+    return max(1, round(seconds * fps / temporal)) * temporal + (1 if temporal > 1 else 0)
+
+
+@lru_cache(maxsize=None)
+def _call_parameters(pipeline_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(pipeline_class.__call__).parameters)
+
+
+def resolve_params(pipe: Any, params: GenerationParams) -> ResolvedParams:
+    """`params` checked against the model, with the model's defaults filled in; done once per request (a no-op on
+    `ResolvedParams`), so batching compares what will run and `pipeline_kwargs` need not check again."""
+    if isinstance(params, ResolvedParams):
+        return params
+    info = model_info(pipe)
+    accepted = _call_parameters(type(pipe))
+    name_of = type(pipe).__name__
+    values = params.model_dump(exclude_none=True, include=set(CALL_KNOBS))
+    for name in _DEFAULTED:
+        if name not in values and getattr(info.defaults, name) is not None:
+            values[name] = getattr(info.defaults, name)
+    if params.negative_prompt is not None and "negative_prompt" not in accepted:
+        raise GenerationParamsError(f"negative_prompt: not supported by {name_of}", field="negative_prompt")
+    for name in values:
+        if name not in accepted:
+            raise GenerationParamsError(f"{name}: not supported by {name_of} ({info.family} family)", field=name)
+    for name in ("height", "width"):
+        if name in values and values[name] % info.size_multiple:
+            raise GenerationParamsError(
+                f"{name}: {values[name]} is not a multiple of {info.size_multiple} for this model", field=name
+            )
+    temporal = info.temporal_factor
+    if "num_frames" in values and (values["num_frames"] - 1) % temporal:
+        raise GenerationParamsError(
+            f"num_frames: {values['num_frames']} must be {temporal}k+1 for this model (e.g. {temporal + 1})",
+            field="num_frames",
+        )
+    return ResolvedParams.model_construct(**{**params.model_dump(), **values})
 
 
 @dataclass
@@ -69,42 +152,21 @@ class GenerationResult:
 
 
 def batch_key(params: GenerationParams) -> tuple:
-    """Requests with equal keys can run in one pipeline call: all knobs shared by a call except prompts and seeds."""
-    return (params.num_inference_steps, params.guidance_scale, params.true_cfg_scale, params.height, params.width,
-            params.num_frames, params.negative_prompt is not None)
+    """Requests with equal keys can run in one pipeline call: all knobs shared by a call except prompts and seeds.
+    Compare resolved requests (`resolve_params`), so a knob left to the model's default equals the default given."""
+    return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None)
 
 
 def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
-    """The pipeline call's keyword arguments for one or more compatible requests (see `batch_key`), with the
-    model's defaults filled in and checked. Each output image gets its own generator, seeded `seed + i` for the
-    request's i-th output, so an image's noise does not depend on what else is in the batch."""
+    """The pipeline call's keyword arguments for one or more compatible requests (equal `batch_key`), assembled
+    from resolved requests (requests not resolved yet are resolved here). Each output image gets its own generator,
+    seeded `seed + i` for the request's i-th output, so an image's noise does not depend on the rest of the batch."""
+    batch = [resolve_params(pipe, params) for params in batch]
     if len({batch_key(p) for p in batch}) != 1:
         raise GenerationParamsError("requests in one batch must share size, steps, guidance and frames")
     params = batch[0]
-    adapter = adapter_for(pipe)
-    defaults = getattr(pipe, "accel_defaults", None)
-    accepted = set(inspect.signature(type(pipe).__call__).parameters)
-    values = params.model_dump(exclude_none=True, exclude={"prompt", "negative_prompt", "num_outputs", "seed"})
-    kwargs: dict[str, Any] = dict(getattr(defaults, "extra", None) or {})
-    for name in ("height", "width", "num_inference_steps", "guidance_scale", "num_frames"):
-        if name not in values and defaults is not None and getattr(defaults, name) is not None:
-            values[name] = getattr(defaults, name)
-    if params.negative_prompt is not None and "negative_prompt" not in accepted:
-        raise GenerationParamsError(f"negative_prompt: not supported by {type(pipe).__name__}")
-    for name, value in values.items():
-        if name not in accepted:
-            raise GenerationParamsError(f"{name}: not supported by {type(pipe).__name__} ({adapter.family} family)")
-        kwargs[name] = value
-    multiple = adapter.size_multiple(pipe)
-    for name in ("height", "width"):
-        if name in kwargs and kwargs[name] % multiple:
-            raise GenerationParamsError(f"{name}: {kwargs[name]} is not a multiple of {multiple} for this model")
-    if "num_frames" in kwargs:
-        temporal = getattr(pipe, "vae_scale_factor_temporal", 1) or 1
-        if (kwargs["num_frames"] - 1) % temporal:
-            raise GenerationParamsError(
-                f"num_frames: {kwargs['num_frames']} must be {temporal}k+1 for this model (e.g. {temporal + 1})"
-            )
+    kwargs: dict[str, Any] = dict(model_info(pipe).defaults.extra)
+    kwargs.update(params.model_dump(exclude_none=True, include=set(CALL_KNOBS)))
     prompts, negatives, generators = [], [], []
     for request in batch:
         for i in range(request.num_outputs):
@@ -114,6 +176,7 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
     kwargs["prompt"] = prompts
     if params.negative_prompt is not None:
         kwargs["negative_prompt"] = negatives
+    accepted = _call_parameters(type(pipe))
     per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
     kwargs[per_prompt] = 1
     kwargs["generator"] = generators
@@ -123,27 +186,30 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
 def generate(
     pipe: Any,
     params: GenerationParams,
-    accel: Any = None,
+    spec: AccelSpec | Any = None,
     *,
     on_step: Callable[[int, int], bool | None] | None = None,
 ) -> GenerationResult:
-    """Run one request under `accelerate(pipe, accel)`.
+    """Run one request under `accelerate(pipe, spec)`.
 
     on_step(step, total) is called after every denoising step; returning False interrupts the pipeline
     (diffusers' `_interrupt`), so a cancelled request frees the device within one step.
     """
-    return generate_batch(pipe, [params], accel, on_step=on_step)[0]
+    return generate_batch(pipe, [params], spec, on_step=on_step)[0]
 
 
 def generate_batch(
     pipe: Any,
     batch: list[GenerationParams],
-    accel: Any = None,
+    spec: AccelSpec | Any = None,
     *,
     on_step: Callable[[int, int], bool | None] | None = None,
 ) -> list[GenerationResult]:
     """Run compatible requests (equal `batch_key`) in one pipeline call; one result per request, in order.
-    The accelerator report and the time are the batch's."""
+    The accelerator report and the time are the batch's. `spec` is any form `parse_spec` takes; an `AccelSpec`
+    is used as is. This call owns `pipe._interrupt`: cleared before and after, so an interrupted call never
+    leaks into the next one."""
+    spec = parse_spec(spec)
     kwargs = pipeline_kwargs(pipe, batch)
     total = kwargs.get("num_inference_steps") or 0
     captured: dict[str, torch.Tensor] = {}
@@ -158,10 +224,14 @@ def generate_batch(
     kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
     kwargs["output_type"] = "np"
     start = time.perf_counter()
-    with torch.inference_mode(), accelerate(pipe, accel, seed=batch[0].seed) as report:
-        output = pipe(**kwargs)
+    pipe._interrupt = False
+    try:
+        with torch.inference_mode(), accelerate(pipe, spec, seed=batch[0].seed) as report:
+            output = pipe(**kwargs)
+    finally:
+        pipe._interrupt = False
     seconds = time.perf_counter() - start
-    video = adapter_for(pipe).task == "text-to-video"
+    video = model_info(pipe).task == "text-to-video"
     frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
     latents = captured.get("latents")
     results, offset = [], 0
