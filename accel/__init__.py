@@ -7,7 +7,8 @@
     print(report.as_dict())
 """
 
-from accel.apply import AccelReport, accelerate
+from accel.apply import accelerate
+from accel.session import AccelReport
 from accel.errors import AccelError, GenerationParamsError, ModelNotFoundError, SpecError, UnsupportedModelError
 from accel.spec import parse_spec
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
 
-from accel.errors import UnsupportedModelError
+from accel.errors import SpecError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class ModelAdapter:
         single-stream).
     cfg_layout: how the pipeline runs classifier-free guidance: "separate" (one transformer call per branch inside
         `cache_context("cond"/"uncond")`), or "batch" (one call on `cat([uncond, cond])`).
+    guidance: where the scale λ of the pipeline's CFG combine comes from (`cfg_scale`): "true_cfg" (FLUX:
+        `true_cfg_scale` with a negative prompt; its embedded `guidance_scale` is no combine), "cfg"
+        (`guidance_scale`, and Wan 2.2's `guidance_scale_2` below the expert boundary).
     self_attention: attribute of a block's self-attention module (the one attention methods may change), or None
         where no attention method supports the family yet.
     text_first: whether text tokens lead that attention's sequence (FLUX's joint [text, image] attention).
@@ -37,11 +40,39 @@ class ModelAdapter:
     stacks: tuple[str, ...]
     cfg_layout: Literal["separate", "batch"]
     task: Literal["text-to-image", "text-to-video"]
+    guidance: Literal["true_cfg", "cfg"] = "cfg"
     self_attention: str | None = None
     text_first: bool = False
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
+
+    def block_sizes(self, transformer: torch.nn.Module) -> dict[str, int]:
+        return {name: len(getattr(transformer, name)) for name in self.stacks}
+
+    def cfg_scale(self, pipe: Any, call_kwargs: dict[str, Any] | None, timestep: float) -> float | None:
+        """λ of the CFG combine that follows the current denoiser call, or None when none follows. `call_kwargs`:
+        the running pipeline call's arguments with its defaults (`AccelSession.call_kwargs`; None when the
+        transformer is called outside a pipeline call); `timestep` on the 0..1000 scale."""
+        if self.guidance == "true_cfg":
+            if call_kwargs is None:
+                return None
+            negative = call_kwargs.get("negative_prompt") is not None or (
+                call_kwargs.get("negative_prompt_embeds") is not None
+                and call_kwargs.get("negative_pooled_prompt_embeds") is not None
+            )
+            scale = float(call_kwargs.get("true_cfg_scale") or 1.0)
+            return scale if scale > 1 and negative else None
+        if not getattr(pipe, "do_classifier_free_guidance", False):
+            return None
+        if call_kwargs is None:
+            return float(pipe.guidance_scale)
+        scale = call_kwargs["guidance_scale"]
+        boundary = pipe.config.get("boundary_ratio") if hasattr(pipe.config, "get") else None
+        if boundary is not None and timestep < boundary * pipe.scheduler.config.num_train_timesteps:
+            second = call_kwargs.get("guidance_scale_2")  # Wan 2.2: the low-noise expert's scale
+            scale = second if second is not None else scale
+        return float(scale)
 
     def size_multiple(self, pipe: Any) -> int:
         """Height and width must be multiples of this: the VAE's spatial factor times the transformer's patch."""
@@ -65,6 +96,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             stacks=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate",
             task="text-to-image",
+            guidance="true_cfg",
             self_attention="attn",  # joint [text, image] attention in dual and single blocks
             text_first=True,
         ),
@@ -87,6 +119,16 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
     )
 }
+
+
+def parse_block_name(name: str, sizes: dict[str, int], field: str) -> tuple[str, int]:
+    """"stack.index" -> (stack, index), checked against the stacks' sizes; a SpecError for `field` naming the
+    blocks that exist otherwise. The one parser of block names (prune, S², plan files)."""
+    stack, _, index = name.rpartition(".")
+    if stack not in sizes or not index.isdigit() or int(index) >= sizes[stack]:
+        raise SpecError(f"{field}: no block {name!r}; blocks are "
+                        + ", ".join(f"{s}.0..{s}.{n - 1}" for s, n in sizes.items()), field=field)
+    return stack, int(index)
 
 
 def supported_families() -> str:
@@ -143,6 +185,14 @@ class BlockIO:
         hidden = output[self.meta.return_hidden_states_index]
         encoder = output[self.meta.return_encoder_hidden_states_index] if self.has_encoder_stream else None
         return hidden, encoder
+
+    def identity_output(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """What a skipped block returns: its inputs, in its own output structure (a block that returns no text
+        stream, SD3's last (`context_pre_only`), returns None for it)."""
+        hidden, encoder = self.inputs(args, kwargs)
+        if getattr(block, "context_pre_only", False):
+            encoder = None
+        return self.make_output(hidden, encoder)
 
     def make_output(self, hidden: torch.Tensor, encoder: torch.Tensor | None) -> Any:
         """A return value shaped like the block's own."""

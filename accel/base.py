@@ -1,14 +1,15 @@
 """The small interface every accelerator implements.
 
-An accelerator is one file with: a pydantic config (`MethodConfig` subclass, discriminated by `method`), hook
-classes, and an `apply(session, config) -> MethodHandle` function. `accel/methods.py` lists the methods and the
-order in which they are applied; `accel/apply.py` runs them for one pipeline call.
+An accelerator is one file with the same parts in the same order: a pydantic config (`MethodConfig` subclass,
+discriminated by `method`), its typed `Counters`, its per-call state, hook classes, and `apply_<method>(session,
+config) -> MethodHandle`, then its `Method` registry entry. `accel/methods.py` lists the methods and the order in
+which they are applied; `accel/session.py` runs them for one pipeline call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -36,15 +37,23 @@ def _short(value: Any) -> str:
 
 
 @dataclass
+class Counters:
+    """Base of a method's work counts for one call (a dataclass per method, read by field name; shown under
+    `report.details[method]`). `extra_forwards`: denoiser passes run on top of the pipeline's own calls; a method
+    that runs such passes declares it as a field."""
+
+    extra_forwards: ClassVar[int] = 0
+
+
+@dataclass
 class MethodHandle:
     """What `apply` returns: how to undo the method and what it did during the call.
 
     Hooks registered through `session.add_hook` are removed by the session; `on_remove` is for anything else
-    (e.g. diffusers' `disable_cache`). `counters` holds the method's own work counts for the report.
-    """
+    (e.g. diffusers' `disable_cache`)."""
 
+    counters: Counters = field(default_factory=Counters)
     on_remove: Callable[[], None] | None = None
-    counters: dict[str, Any] = field(default_factory=dict)
 
     def remove(self) -> None:
         if self.on_remove is not None:
@@ -57,7 +66,8 @@ class Method:
     """A registry entry: the method's name, config class, apply function and one-line summary.
 
     `exclusive` names a group of methods of which a spec may use only one (e.g. the feature caches, which would
-    fight over the same blocks).
+    fight over the same blocks); `conflicts` names methods this one cannot be combined with. Both are checked once,
+    in `accel.spec.parse_spec`. `families`: the model families it supports (None: every family an adapter covers).
     """
 
     name: str
@@ -65,6 +75,6 @@ class Method:
     apply: Callable[[Any, MethodConfig], MethodHandle]  # (accel.session.AccelSession, config) -> handle
     summary: str
     exclusive: str | None = None
-    conflicts: tuple[str, ...] = ()  # methods this one cannot be combined with (checked in `parse_spec`)
-    families: tuple[str, ...] | None = None  # None: every family an adapter covers
+    conflicts: tuple[str, ...] = ()
+    families: tuple[str, ...] | None = None
     at_attach: bool = False  # apply when the `accelerate` block is entered (methods that patch the pipeline call)

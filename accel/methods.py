@@ -15,12 +15,12 @@ from accel.base import Method
 from accel.attention import sparse
 from accel.caching import abcache, cachedit_peer, diffusers_peers, sortblock
 from accel.guidance import s2
-from accel.pruning import plan as pruning
+from accel.pruning import prune
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        pruning.PRUNE,
+        prune.PRUNE,
         s2.S2,
         sparse.SPARSE_ATTENTION,
         sortblock.SORTBLOCK,

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from accel import SpecError, accelerate
-from accel.caching.abcache import ABCacheConfig, _ABCacheCall, _History, binomial_weights, lagrange_weights
-from accel.caching.sortblock import SortblockBlockHook, SortblockConfig
+from accel.caching.abcache import (
+    ABCacheCallHook, ABCacheConfig, ABCacheCounters, ABCacheState, binomial_weights, lagrange_weights,
+)
+from accel.caching.sortblock import SortblockBlockHook, SortblockConfig, SortblockCounters
 from accel.spec import parse_spec
 from helpers import registries_empty, run
 
@@ -122,7 +124,7 @@ def test_abcache_executes_exactly_the_scheduled_steps(load, name, cfg):
 
 
 def test_linear_prediction_is_exact_on_linear_residuals():
-    hook = SortblockBlockHook(None, None, SortblockConfig(order=1), "s", 0, {})
+    hook = SortblockBlockHook(None, None, SortblockConfig(order=1), "s", 0, SortblockCounters())
     a, b = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
     from accel.caching.sortblock import SortblockState
 
@@ -132,7 +134,7 @@ def test_linear_prediction_is_exact_on_linear_residuals():
     for step in (6, 7, 11):
         predicted = hook._predict(state.caches[("s", 0)], step)[0]
         torch.testing.assert_close(predicted, a + step * b, rtol=1e-12, atol=1e-12)
-    zero = SortblockBlockHook(None, None, SortblockConfig(order=0), "s", 0, {})
+    zero = SortblockBlockHook(None, None, SortblockConfig(order=0), "s", 0, SortblockCounters())
     assert torch.equal(zero._predict(state.caches[("s", 0)], 9)[0], a + 5 * b)
 
 
@@ -153,8 +155,10 @@ def test_ab_extrapolation_is_exact_for_polynomials_of_degree_order_minus_one(ord
     coeffs = torch.tensor(rng.normal(size=(order, 3, 4)))
     poly = lambda x: sum(c * x ** (order - 1 - p) for p, c in enumerate(coeffs))  # noqa: E731
     sigmas = [1.0, 0.93, 0.81, 0.66, 0.5]  # shifted, non-uniform: Lagrange over sigma must still be exact
-    history = _History(steps=list(range(order)), times=sigmas[:order], outputs=[poly(s).float() for s in sigmas[:order]])
-    call = _ABCacheCall(ABCacheConfig(order=order, spacing="sigmas"), {})
+    history = ABCacheState()
+    for step, sigma in enumerate(sigmas[:order]):
+        history.push(step, sigma, poly(sigma).float(), keep=order)
+    call = ABCacheCallHook(ABCacheConfig(order=order, spacing="sigmas"), None, ABCacheCounters())
     ctx = type("Ctx", (), {"sigma": 0.4, "step_index": 7})()
     torch.testing.assert_close(call.extrapolate(history, ctx).double(), poly(0.4), rtol=1e-4, atol=1e-4)
     weights = lagrange_weights([float(x) for x in range(1, order + 1)], order + 1.0)  # unit grid: == binomial

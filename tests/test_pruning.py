@@ -36,7 +36,7 @@ def test_per_call_prune_skips_exactly_the_listed_blocks(load, name):
     data = report.as_dict()["blocks"]
     for s, counts in data.items():
         assert counts["skipped"] == (4 if s == stack else 0), (s, counts)
-    assert report.details["prune"]["skipped_blocks"] == 4
+    assert report.details["prune"].skipped_blocks == 4
     assert not np.array_equal(plain, out)
     assert registries_empty(pipe.transformer)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from accel import SpecError, accelerate
-from accel.guidance import s2 as s2_module
+from accel.adapters import ModelAdapter
 from accel.guidance.s2 import S2Config, draw_mask, drop_count, eligible_blocks
 from accel.spec import parse_spec
 from helpers import registries_empty, run
@@ -60,7 +60,7 @@ def test_s2_changes_the_output_reproducibly_at_one_extra_forward_per_active_step
     assert np.array_equal(outs[0], outs[1])
     assert not np.array_equal(plain, outs[0])
     details = report.details["s2"]
-    assert details["active_steps"] == 4 and report.extra_forwards == 4
+    assert details.active_steps == 4 and report.extra_forwards == 4
     assert report.block_fraction_computed == 1.0  # the pipeline's own calls are all computed, the pass is extra
     assert registries_empty(pipe.transformer)
 
@@ -102,8 +102,8 @@ def test_subnetwork_runs_exactly_the_blocks_not_drawn(load, name):
     assert log.names == expected
     d = report.details["s2"]
     dropped = 4 * 2 * len(log.sizes)
-    assert d["extra_forwards"] == 8 and d["subnet_blocks_dropped"] == dropped
-    assert d["subnet_blocks_computed"] == 4 * 2 * len(every) - dropped
+    assert d.extra_forwards == 8 and d.subnet_blocks_dropped == dropped
+    assert d.subnet_blocks_computed == 4 * 2 * len(every) - dropped
     assert sum(report.blocks_computed.values()) == 4 * len(every)
 
 
@@ -138,7 +138,7 @@ def test_correction_is_the_paper_formula_with_batched_cfg(load):
             d_hat = pipe.transformer(**half)[0]
         with accelerate(pipe, "s2:interval=[0,1],omega=0.5", seed=0) as report:
             out = pipe.transformer(**kw)[0]
-    assert report.details["s2"]["extra_forwards"] == 1
+    assert report.details["s2"].extra_forwards == 1
     assert torch.equal(out[:1], full[:1])  # the uncond half is untouched
     cond = full[1:]
     torch.testing.assert_close(out[1:], cond - (0.5 / 4.0) * (d_hat - cond), rtol=0, atol=1e-6)
@@ -162,8 +162,8 @@ def test_correction_without_cfg_is_applied_to_the_conditional_prediction(load):
 def test_cfg_scale_is_read_from_the_running_pipeline(load, monkeypatch, name, cfg, expected):
     pipe = load(name)
     seen = []
-    original = s2_module.cfg_scale
-    monkeypatch.setattr(s2_module, "cfg_scale", lambda *a: seen.append(original(*a)) or seen[-1])
+    original = ModelAdapter.cfg_scale
+    monkeypatch.setattr(ModelAdapter, "cfg_scale", lambda *a: seen.append(original(*a)) or seen[-1])
     with accelerate(pipe, ALWAYS, seed=0):
         run(pipe, name, cfg=cfg, num_inference_steps=2)
     assert seen == [expected, expected]
@@ -174,8 +174,8 @@ def test_interval_selects_steps_by_noise_level(load):
     with accelerate(pipe, "s2:interval=[0.1,0.9]", seed=0) as report:
         run(pipe, "tiny-flux", num_inference_steps=8)
     sigmas = [float(s) for s in pipe.scheduler.sigmas[:8]]
-    assert report.details["s2"]["active_steps"] == sum(0.1 <= s <= 0.9 for s in sigmas)
-    assert 0 < report.details["s2"]["active_steps"] < 8
+    assert report.details["s2"].active_steps == sum(0.1 <= s <= 0.9 for s in sigmas)
+    assert 0 < report.details["s2"].active_steps < 8
 
 
 @pytest.mark.parametrize("cache", ["sortblock:schedule=constant,beta=0.5,start=1000,end=0", "abcache:warmup=1,interval=2",
@@ -190,14 +190,14 @@ def test_caches_never_see_the_subnetwork_pass(load, cache):
     d = both.details["s2"]
     n_blocks = 4
     # every sub-network pass ran all its non-dropped blocks: no cache skipped or predicted any of them
-    assert d["subnet_blocks_computed"] == d["extra_forwards"] * n_blocks - d["subnet_blocks_dropped"]
+    assert d.subnet_blocks_computed == d.extra_forwards * n_blocks - d.subnet_blocks_dropped
     if method == "sortblock":  # a constant schedule makes its work independent of the values
         assert alone.details[method] == both.details[method]
         assert alone.blocks_computed == both.blocks_computed
-        assert d["active_steps"] == 8
+        assert d.active_steps == 8
     if method == "abcache":  # skipped steps never reach S² (its call hook is inside the cache's)
         assert alone.details[method] == both.details[method]
-        assert d["active_steps"] == alone.details[method]["computed_calls"] < 8
+        assert d.active_steps == alone.details[method].computed_calls < 8
     assert registries_empty(pipe.transformer)
 
 
@@ -227,7 +227,7 @@ def test_mask_rules():
 
 def test_protected_blocks_are_never_drawn(load):
     pipe = load("bench-flux")
-    from accel.apply import AccelSession
+    from accel.session import AccelSession
 
     session = AccelSession(pipe, [])
     eligible = eligible_blocks(session, ["single_transformer_blocks.3"])

@@ -40,8 +40,8 @@ def test_sparsity_zero_matches_plain_and_leaves_nothing(load, name):
         out = _run(pipe, name)
     np.testing.assert_allclose(out, plain, atol=1e-4)
     d = report.details["sparse_attention"]
-    assert d["attention_blocks_computed"] == d["attention_blocks_total"] > 0
-    assert d["sparse_calls"] > 0
+    assert d.attention_blocks_computed == d.attention_blocks_total > 0
+    assert d.sparse_calls > 0
     assert registries_empty(pipe.transformer)
     assert all(a is b for a, b in zip(_processors(pipe), before))
     assert np.array_equal(_run(pipe, name), plain)
@@ -54,7 +54,7 @@ def test_sparsity_zero_matches_plain_with_compiled_flex(load):
     with accelerate(pipe, "sparse_attention:sparsity=0,dense_steps=0,block_size=16,backend=flex") as report:
         out = _run(pipe, "tiny-wan", steps=3)
     np.testing.assert_allclose(out, plain, atol=1e-4)
-    assert report.details["sparse_attention"]["sparse_calls"] > 0
+    assert report.details["sparse_attention"].sparse_calls > 0
 
 
 @pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan"])
@@ -65,7 +65,7 @@ def test_no_sparse_step_is_bit_identical(load, name):
     with accelerate(pipe, f"sparse_attention:search_steps=[50],dense_steps=0,{REF}") as report:
         out = _run(pipe, name)
     assert np.array_equal(out, plain)
-    assert report.details["sparse_attention"]["searches"] == 0
+    assert report.details["sparse_attention"].searches == 0
 
 
 @pytest.mark.parametrize("name,cfg", [("tiny-flux", True), ("tiny-wan", False)])
@@ -77,9 +77,9 @@ def test_searches_exactly_at_configured_steps_and_budgets(load, name, cfg):
         _run(pipe, name, steps=6, cfg=cfg)
     d = report.details["sparse_attention"]
     layers = geo["layers"]
-    assert d["search_steps"] == [2, 4]
-    assert d["searches"] == 2 * layers * branches
-    assert d["dense_searches"] == d["lse_cached_searches"] == layers * branches
+    assert d.search_steps == [2, 4]
+    assert d.searches == 2 * layers * branches
+    assert d.dense_searches == d.lse_cached_searches == layers * branches
     nb = geo["length"] // 16
     sink = math.ceil(geo["text"] / 16)
     k = max(round(0.5 * nb), sink, 1)
@@ -88,9 +88,9 @@ def test_searches_exactly_at_configured_steps_and_budgets(load, name, cfg):
     calls_per_step = layers * branches
     # steps 0, 1 dense; step 2 dense search pass (its output is dense); steps 3..5 sparse (4 is a cached-LSE search)
     expected = geo["heads"] * calls_per_step * (3 * full + 3 * per_head_sparse)
-    assert d["attention_blocks_total"] == geo["heads"] * calls_per_step * 6 * full
-    assert d["attention_blocks_computed"] == expected
-    assert d["sparse_calls"] == 3 * calls_per_step and d["dense_calls"] == 3 * calls_per_step
+    assert d.attention_blocks_total == geo["heads"] * calls_per_step * 6 * full
+    assert d.attention_blocks_computed == expected
+    assert d.sparse_calls == 3 * calls_per_step and d.dense_calls == 3 * calls_per_step
 
 
 def test_text_sink_always_kept_in_every_flux_block(load, monkeypatch):
@@ -157,8 +157,8 @@ def test_pooled_estimator_needs_no_dense_pass(load):
     with accelerate(pipe, f"sparse_attention:sparsity=0.5,estimator=pooled,dense_steps=1,{REF}") as report:
         _run(pipe, "tiny-wan", steps=4)
     d = report.details["sparse_attention"]
-    assert d["searches"] == 2 * 2 and d["dense_searches"] == d["lse_cached_searches"] == 0
-    assert d["attention_blocks_computed"] < d["attention_blocks_total"]
+    assert d.searches == 2 * 2 and d.dense_searches == d.lse_cached_searches == 0
+    assert d.attention_blocks_computed < d.attention_blocks_total
     w = search.pooled_importance(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), 16)
     torch.testing.assert_close(w.sum(-1), torch.tensor([16.0, 16.0, 8.0]).expand(1, 2, 3))
 
@@ -177,9 +177,9 @@ def test_composes_with_sortblock_cached_blocks_skip_attention(load):
     computed_blocks = sum(both.blocks_computed.values())
     assert computed_blocks < sum(both.blocks_total.values())  # sortblock skipped blocks
     d, a = both.details["sparse_attention"], alone.details["sparse_attention"]
-    assert d["attention_blocks_total"] == computed_blocks * per_call  # only computed blocks ran attention
-    assert d["attention_blocks_total"] < a["attention_blocks_total"]
-    assert d["attention_blocks_computed"] < d["attention_blocks_total"]
+    assert d.attention_blocks_total == computed_blocks * per_call  # only computed blocks ran attention
+    assert d.attention_blocks_total < a.attention_blocks_total
+    assert d.attention_blocks_computed < d.attention_blocks_total
     assert registries_empty(pipe.transformer)
 
 

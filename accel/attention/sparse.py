@@ -11,34 +11,28 @@ self-attention over video tokens; Wan's cross-attention `attn2` stays dense):
 Schedule: dense for the first `dense_steps`; searches at `search_steps` (default: the first sparse step and 0.6
 of the steps, i.e. 10 and 30 of 50); state per CFG branch (the session's `ctx.branch`) and per layer.
 
-How attention is routed: the targeted attention module's processor is replaced, for this call only, by a thin
-wrapper that runs the *original processor's own `__call__` code* (same code object, so QK-norm, RoPE and the
-text-token concatenation are exactly the model's) with one name rebound in a private copy of its globals:
-`dispatch_attention_fn` -> this method's router. Nothing global is patched, so other pipelines in the process are
-untouched. The router sends anything that is not a plain self-attention call (a mask, different query/key
-lengths, e.g. Wan I2V's image cross-attention) and every dense step to the original `dispatch_attention_fn`. The
-swap is done by a diffusers hook on each block (`initialize_hook` / `deinitalize_hook`), registered through the
-session, so it is undone on exit; the hook's `pre_forward` also reads the block's text length (FLUX single blocks
-receive the text already concatenated, their processor cannot see it).
+Attention is routed per block by `accel/attention/routing.py` (the processor's own code, with
+`dispatch_attention_fn` bound to this method's router). The router sends anything that is not a plain
+self-attention call (a mask, different query/key lengths, e.g. Wan I2V's image cross-attention) and every dense
+step to the original `dispatch_attention_fn`. The block hook's `pre_forward` also reads the block's text length
+(FLUX single blocks receive the text already concatenated, their processor cannot see it).
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
-import types
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import Field, field_validator, model_validator
 
-from accel.apply import AccelSession
 from accel.attention import search
-from accel.base import Method, MethodConfig, MethodHandle
+from accel.attention.routing import AttentionRoutingHook
+from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.errors import UnsupportedModelError
+from accel.session import AccelSession
 from kernels import block_sparse_attention, num_blocks
 
 SPARSE_HOOK = "accel_sparse_attention"
@@ -124,30 +118,43 @@ class Schedule:
 
 
 @dataclass
-class _LayerState:
-    mask: torch.Tensor | None = None  # (B, H, nb, nb) bool, reused until the next search
-    lse: torch.Tensor | None = None  # (B, H, L) float32, from the first exact search
-    sparsity: torch.Tensor | None = None  # (B, H) per-head sparsity of the last search
-    recall: torch.Tensor | None = None  # (B, H) recall at the base sparsity, last search
+class SparseCounters(Counters):
+    attention_blocks_computed: int = 0  # (query block, key block) pairs computed, over batch and heads
+    attention_blocks_total: int = 0  # pairs a dense run computes
+    searches: int = 0
+    dense_searches: int = 0  # exact searches that ran a dense pass for the LSE
+    lse_cached_searches: int = 0  # exact searches that reused the cached LSE
+    search_seconds: float = 0.0
+    search_steps: list[int] = field(default_factory=list)
+    sparse_calls: int = 0
+    dense_calls: int = 0
 
 
 @dataclass
-class SparseState:
-    """Per call: per (CFG branch, layer) masks and cached LSEs."""
+class LayerState:
+    mask: torch.Tensor | None = None  # (B, H, nb, nb) bool, reused until the next search
+    lse: torch.Tensor | None = None  # (B, H, L) float32, from the first exact search
 
-    layers: dict[tuple[str, int], _LayerState] = field(default_factory=dict)
+
+class SparseState(BaseState):
+    """Per CFG branch: each layer's masks and cached LSE."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, LayerState] = {}
 
     def reset(self) -> None:
         self.layers.clear()
 
 
-class _Router:
-    """Stands in for `dispatch_attention_fn` inside one attention module's processor."""
+class SparseRouter:
+    """Stands in for `dispatch_attention_fn` inside one attention module's processor (`original` is set by the
+    routing, see `accel/attention/routing.py`)."""
 
-    def __init__(self, session: AccelSession, config: SparseAttentionConfig, state: SparseState, layer: int,
-                 text_first: bool, original, counters: dict[str, Any]):
+    def __init__(self, session: AccelSession, config: SparseAttentionConfig, state: StateManager, layer: int,
+                 text_first: bool, counters: SparseCounters):
         self.session, self.config, self.state, self.layer = session, config, state, layer
-        self.text_first, self.original, self.counters = text_first, original, counters
+        self.text_first, self.counters = text_first, counters
+        self.original = None
         self.text_len = 0
         self._schedule: Schedule | None = None
 
@@ -170,27 +177,28 @@ class _Router:
         bs = self.config.block_size
         b, length, h, _ = query.shape
         nb = num_blocks(length, bs)
-        self.counters["attention_blocks_total"] += b * h * nb * nb
+        counters = self.counters
+        counters.attention_blocks_total += b * h * nb * nb
         if not self.schedule.sparse(ctx.step_index):
-            self.counters["attention_blocks_computed"] += b * h * nb * nb
-            self.counters["dense_calls"] += 1
+            counters.attention_blocks_computed += b * h * nb * nb
+            counters.dense_calls += 1
             return self.original(query, key, value, attn_mask, *args, **kwargs)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
-        layer = self.state.layers.setdefault((ctx.branch, self.layer), _LayerState())
+        layer = self.state.get_state().layers.setdefault(self.layer, LayerState())
         out = None
         if ctx.step_index in self.schedule.searches or layer.mask is None or layer.mask.shape[0] != b:
             out = self._search(layer, q, k, v, ctx)
         if out is None:
             out, _ = block_sparse_attention(q, k, v, layer.mask, bs, backend=self.config.backend, need_lse=False)
-            self.counters["attention_blocks_computed"] += int(layer.mask.sum())
-            self.counters["sparse_calls"] += 1
+            counters.attention_blocks_computed += int(layer.mask.sum())
+            counters.sparse_calls += 1
         else:
-            self.counters["attention_blocks_computed"] += b * h * nb * nb
-            self.counters["dense_calls"] += 1
+            counters.attention_blocks_computed += b * h * nb * nb
+            counters.dense_calls += 1
         return out.transpose(1, 2).to(query.dtype)
 
     @torch.compiler.disable
-    def _search(self, layer: _LayerState, q, k, v, ctx) -> torch.Tensor | None:
+    def _search(self, layer: LayerState, q, k, v, ctx) -> torch.Tensor | None:
         """New masks for this layer and branch; returns the dense output when the search computed one."""
         config, bs = self.config, self.config.block_size
         start = time.perf_counter()
@@ -202,80 +210,29 @@ class _Router:
             weights, out, lse = search.exact_importance(q, k, v, bs, config.backend, cached)
             if cached is None:
                 layer.lse = lse
-                self.counters["dense_searches"] += 1
+                self.counters.dense_searches += 1
             else:
-                self.counters["lse_cached_searches"] += 1
+                self.counters.lse_cached_searches += 1
         n_sink = search.sink_blocks(self.text_len, bs) if self.text_first else 0
         n_sink = min(n_sink, weights.shape[-1])
-        layer.sparsity, layer.recall = search.head_sparsities(
-            weights, config.sparsity, n_sink, config.head_adaptive, config.recall_threshold
-        )
-        layer.mask = search.select_blocks(weights, layer.sparsity, n_sink)
+        sparsity, _ = search.head_sparsities(weights, config.sparsity, n_sink, config.head_adaptive,
+                                             config.recall_threshold)
+        layer.mask = search.select_blocks(weights, sparsity, n_sink)
         if q.is_cuda:  # time the search's kernels, not their launch
             torch.cuda.synchronize(q.device)
-        self.counters["searches"] += 1
-        self.counters["search_seconds"] += time.perf_counter() - start
-        steps = self.counters["search_steps"]
-        if ctx.step_index not in steps:
-            steps.append(ctx.step_index)
+        self.counters.searches += 1
+        self.counters.search_seconds += time.perf_counter() - start
+        if ctx.step_index not in self.counters.search_steps:
+            self.counters.search_steps.append(ctx.step_index)
         return out
 
 
-def _rebound_call(processor: Any, router: _Router):
-    """The processor class's own `__call__` code with `dispatch_attention_fn` resolved to `router`."""
-    function = type(processor).__call__
-    code = function.__code__
-    if "dispatch_attention_fn" not in code.co_names:
-        raise UnsupportedModelError(
-            f"sparse_attention: {type(processor).__name__} does not call dispatch_attention_fn; cannot route its attention"
-        )
-    namespace = dict(function.__globals__)
-    router.original = namespace["dispatch_attention_fn"]
-    namespace["dispatch_attention_fn"] = router
-    rebound = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
-    rebound.__kwdefaults__ = function.__kwdefaults__
-    return functools.partial(rebound, processor)
+class SparseAttentionBlockHook(AttentionRoutingHook):
+    """On a block: routes its self-attention through the router for the call, reads the block's text length."""
 
-
-class _SparseProcessor:
-    """Calls the original processor's code with attention routed to the router. Its `__call__` signature is the
-    original's (the attention module filters keyword arguments by it)."""
-
-    def __init__(self, original: Any, router: _Router):
-        self.original, self.router = original, router
-        self._call = _rebound_call(original, router)
-
-    def __getattr__(self, name: str) -> Any:  # _attention_backend, _parallel_config, ... of the original
-        return getattr(self.__dict__["original"], name)
-
-
-@functools.cache
-def _processor_class(original_cls: type) -> type:
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    __call__.__signature__ = inspect.signature(original_cls.__call__)
-    return type(f"Sparse{original_cls.__name__}", (_SparseProcessor,), {"__call__": __call__})
-
-
-class SparseAttentionBlockHook(ModelHook):
-    """On a block: swaps its attention module's processor in for the call, reads the block's text length."""
-
-    def __init__(self, session: AccelSession, attention: torch.nn.Module, router: _Router):
-        super().__init__()
-        self.session, self.attention, self.router = session, attention, router
-        self.original = None
-
-    def initialize_hook(self, module):
-        self.original = self.attention.processor
-        self.attention.set_processor(_processor_class(type(self.original))(self.original, self.router))
-        return module
-
-    def deinitalize_hook(self, module):
-        if self.original is not None:
-            self.attention.set_processor(self.original)
-            self.original = None
-        return module
+    def __init__(self, session: AccelSession, attention: torch.nn.Module, router: SparseRouter):
+        super().__init__(attention, router)
+        self.session = session
 
     def pre_forward(self, module, *args, **kwargs):
         if self.router.text_first:
@@ -292,18 +249,15 @@ def apply_sparse_attention(session: AccelSession, config: SparseAttentionConfig)
     chosen = set(range(len(blocks))) if config.layers is None else set(config.layers)
     if config.layers is not None and max(chosen) >= len(blocks):
         raise UnsupportedModelError(f"sparse_attention: layers go up to {len(blocks) - 1} for this model, got {max(chosen)}")
-    counters: dict[str, Any] = {
-        "attention_blocks_computed": 0, "attention_blocks_total": 0, "searches": 0, "dense_searches": 0,
-        "lse_cached_searches": 0, "search_seconds": 0.0, "search_steps": [], "sparse_calls": 0, "dense_calls": 0,
-    }
-    state = SparseState()
+    counters = SparseCounters()
+    state = session.branch_state(SparseState)
     for layer, (_, _, block) in enumerate(blocks):
         if layer not in chosen:
             continue
         attention = getattr(block, adapter.self_attention)
-        router = _Router(session, config, state, layer, adapter.text_first, None, counters)
+        router = SparseRouter(session, config, state, layer, adapter.text_first, counters)
         session.add_hook(block, SparseAttentionBlockHook(session, attention, router), SPARSE_HOOK)
-    return MethodHandle(on_remove=state.reset, counters=counters)
+    return MethodHandle(counters)
 
 
 SPARSE_ATTENTION = Method(

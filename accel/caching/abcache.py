@@ -16,16 +16,18 @@ CFG branch (the combine is linear, so this equals caching after it); SD3-style b
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import comb
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from diffusers.hooks.hooks import BaseState, StateManager
+
 from accel.adapters import unwrap_denoiser_output
-from accel.apply import AccelSession, StepContext
-from accel.base import Method, MethodConfig, MethodHandle
+from accel.base import Counters, Method, MethodConfig, MethodHandle
+from accel.session import AccelSession, StepContext
 
 
 class ABCacheConfig(MethodConfig):
@@ -65,20 +67,35 @@ def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
 
 
 @dataclass
-class _History:
-    """Cached outputs of one CFG branch, newest last."""
-
-    steps: list[int] = field(default_factory=list)
-    times: list[float] = field(default_factory=list)
-    outputs: list[torch.Tensor] = field(default_factory=list)
-    wrap: Any = None  # rebuilds the transformer's return structure around a tensor
+class ABCacheCounters(Counters):
+    computed_calls: int = 0  # denoiser calls run
+    extrapolated_calls: int = 0  # denoiser calls replaced by an extrapolation
 
 
+class ABCacheState(BaseState):
+    """Per CFG branch: the outputs of the last `order` computed steps, newest last."""
 
-class _ABCacheCall:
-    def __init__(self, config: ABCacheConfig, counters: dict[str, Any]):
-        self.config, self.counters = config, counters
-        self.histories: dict[str, _History] = {}
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps: list[int] = []
+        self.times: list[float] = []
+        self.outputs: list[torch.Tensor] = []
+        self.wrap: Any = None  # rebuilds the transformer's return structure around a tensor
+
+    def push(self, step: int, time: float, output: torch.Tensor, keep: int) -> None:
+        self.steps.append(step)
+        self.times.append(time)
+        self.outputs.append(output)
+        del self.steps[:-keep], self.times[:-keep], self.outputs[:-keep]
+
+
+class ABCacheCallHook:
+    """Call hook: runs the denoiser on refresh steps, extrapolates its output on the others."""
+
+    def __init__(self, config: ABCacheConfig, state: StateManager, counters: ABCacheCounters):
+        self.config, self.state, self.counters = config, state, counters
 
     def _time(self, ctx: StepContext) -> float:
         if self.config.spacing == "sigmas" and ctx.sigma is not None:
@@ -86,31 +103,27 @@ class _ABCacheCall:
         return float(ctx.step_index)
 
     def __call__(self, ctx: StepContext, call):
-        history = self.histories.setdefault(ctx.branch, _History())
+        history: ABCacheState = self.state.get_state()
         num_steps = ctx.num_steps or (ctx.step_index + 1)
         if should_compute(self.config, ctx.step_index, num_steps) or not history.outputs:
             output = call()
             sample, history.wrap = unwrap_denoiser_output(output)
-            history.steps.append(ctx.step_index)
-            history.times.append(self._time(ctx))
-            history.outputs.append(sample)
-            del history.steps[: -self.config.order], history.times[: -self.config.order]
-            del history.outputs[: -self.config.order]
-            self.counters["computed_calls"] += 1
+            history.push(ctx.step_index, self._time(ctx), sample, self.config.order)
+            self.counters.computed_calls += 1
             return output
-        self.counters["extrapolated_calls"] += 1
+        self.counters.extrapolated_calls += 1
         return history.wrap(self.extrapolate(history, ctx))
 
-    def extrapolate(self, history: _History, ctx: StepContext) -> torch.Tensor:
+    def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:
         k = len(history.outputs)
         if self.config.spacing == "binomial":
             weights = binomial_weights(k)  # f_{n-1} first
             newest_first = list(reversed(history.outputs))
         else:
-            weights = lagrange_weights(history.times, self._time(ctx))
-            newest_first = history.outputs
             if len(set(history.times)) < k:  # repeated time values (no sigma progress): plain reuse
                 return history.outputs[-1]
+            weights = lagrange_weights(history.times, self._time(ctx))
+            newest_first = history.outputs
         result = torch.zeros_like(newest_first[0], dtype=torch.float32)
         for w, f in zip(weights, newest_first):
             result = result + w * f.float()
@@ -118,9 +131,9 @@ class _ABCacheCall:
 
 
 def apply_abcache(session: AccelSession, config: ABCacheConfig) -> MethodHandle:
-    counters: dict[str, Any] = {"computed_calls": 0, "extrapolated_calls": 0}
-    session.add_call_hook(_ABCacheCall(config, counters))
-    return MethodHandle(counters=counters)
+    counters = ABCacheCounters()
+    session.add_call_hook(ABCacheCallHook(config, session.branch_state(ABCacheState), counters))
+    return MethodHandle(counters)
 
 
 ABCACHE = Method(

@@ -12,9 +12,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from accel.apply import AccelSession
 from accel.base import Method, MethodConfig, MethodHandle
 from accel.errors import SpecError
+from accel.session import AccelSession
 
 
 class DBCacheConfig(MethodConfig):
@@ -34,11 +34,12 @@ def apply_dbcache(session: AccelSession, config: DBCacheConfig) -> MethodHandle:
     try:
         import cache_dit
     except ImportError:
-        raise SpecError("dbcache: needs the optional package cache-dit (pip install 'diffusion-accel[peers]')") from None
-    smallest = min(len(blocks) for blocks in session.stacks.values())
+        raise SpecError("dbcache: needs the optional package cache-dit (pip install 'diffusion-accel[peers]')",
+                        field="dbcache") from None
+    smallest = min(session.stack_sizes.values())
     if config.Fn + config.Bn >= smallest:
         raise SpecError(f"dbcache.Fn: Fn + Bn ({config.Fn} + {config.Bn}) must be less than the {smallest} blocks of "
-                        "this model's smallest block stack")
+                        "this model's smallest block stack", field="dbcache.Fn")
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
     calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if config.taylorseer else None
     try:

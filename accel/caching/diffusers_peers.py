@@ -8,6 +8,7 @@ full cache context on every call, they also work on pipelines that set none (SD3
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,9 +26,9 @@ from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_B
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 from pydantic import Field
 
-from accel.apply import AccelSession
-from accel.base import Method, MethodConfig, MethodHandle
+from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.errors import SpecError
+from accel.session import AccelSession
 
 
 class FBCacheConfig(MethodConfig):
@@ -72,6 +73,15 @@ class MagCachePeerConfig(MethodConfig):
     calibrate: bool = Field(False, description="Skip nothing; log this model's magnitude ratios.")
 
 
+@dataclass
+class ModuleCounters(Counters):
+    """TaylorSeer predicts attention / feed-forward outputs *inside* blocks, so block counts do not show its
+    savings; these counts of the hooked modules' calls do, exactly."""
+
+    module_forwards_total: int = 0  # calls the hooked modules received
+    module_forwards_computed: int = 0  # of those, calls that ran the module's real forward
+
+
 def _enable(session: AccelSession, apply_fn, config, hook_names: tuple[str, ...]) -> MethodHandle:
     """Apply one of diffusers' caches with its own `apply_*` function (not every transformer has
     `enable_cache`, e.g. SD3's lacks `CacheMixin`) and remove its hooks by name on exit."""
@@ -95,13 +105,8 @@ def apply_fbcache(session: AccelSession, config: FBCacheConfig) -> MethodHandle:
     )
 
 
-def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: dict) -> None:
-    """Count, for every module carrying `hook_name`, the calls it saw and the ones that ran the real forward.
-
-    TaylorSeer predicts attention / feed-forward outputs *inside* blocks, so block counts do not show its savings;
-    these module counts do, exactly.
-    """
-    counters.update(module_forwards_total=0, module_forwards_computed=0)
+def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: ModuleCounters) -> None:
+    """Count, for every module carrying `hook_name`, the calls it saw and the ones that ran the real forward."""
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         hook = registry.get_hook(hook_name) if registry is not None else None
@@ -112,9 +117,9 @@ def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: 
         ref.original_forward = _counting(ref.original_forward, counters, "module_forwards_computed")
 
 
-def _counting(fn, counters: dict, key: str):
+def _counting(fn, counters: ModuleCounters, key: str):
     def wrapper(*args, **kwargs):
-        counters[key] += 1
+        setattr(counters, key, getattr(counters, key) + 1)
         return fn(*args, **kwargs)
 
     return wrapper
@@ -134,6 +139,7 @@ def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodH
         ),
         (_TAYLORSEER_CACHE_HOOK,),
     )
+    handle.counters = ModuleCounters()
     _count_hooked_calls(session.transformer, _TAYLORSEER_CACHE_HOOK, handle.counters)
     return handle
 
@@ -143,7 +149,8 @@ def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodH
     if ratios is None and not config.calibrate:
         if session.adapter.family != "flux":
             raise SpecError(
-                f"magcache.mag_ratios: required for the {session.adapter.family} family (or set calibrate=true)"
+                f"magcache.mag_ratios: required for the {session.adapter.family} family (or set calibrate=true)",
+                field="magcache.mag_ratios",
             )
         from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 

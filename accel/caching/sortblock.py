@@ -21,8 +21,8 @@ residual and Taylor factor (the newest data gives the better prediction); rankin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,8 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import Field, model_validator
 
-from accel.apply import AccelSession, StepContext
-from accel.base import Method, MethodConfig, MethodHandle
+from accel.base import Counters, Method, MethodConfig, MethodHandle
+from accel.session import AccelSession, StepContext
 
 SORTBLOCK_HOOK = "accel_sortblock"
 
@@ -81,16 +81,18 @@ def rho(config: SortblockConfig, timestep: float) -> float:
     return min(1.0, max(0.0, value))
 
 
-def marked_count(n_blocks: int, rho_t: float) -> int:
-    """How many blocks a ranking marks when similarities are distinct: sorted[int(N * rho)] is the threshold."""
-    return min(int(n_blocks * rho_t), n_blocks - 1) + 1
-
-
 def in_window(config: SortblockConfig, ctx: StepContext) -> bool:
     if config.window == "timestep":
         return config.end <= ctx.timestep <= config.start
     progress = ctx.step_index / max(1, ctx.num_steps)
     return config.start <= progress <= config.end
+
+
+@dataclass
+class SortblockCounters(Counters):
+    predicted_blocks: int = 0  # block forwards replaced by a predicted residual
+    rankings: int = 0
+    rho: list[float] = field(default_factory=list)  # rho_t of each ranking
 
 
 @dataclass
@@ -125,17 +127,11 @@ def _residuals(out: tuple, inp: tuple) -> tuple[torch.Tensor | None, ...]:
 class SortblockBlockHook(ModelHook):
     """Runs or predicts one block according to the current call's mode and the block's mark."""
 
-    _is_stateful = True
-
     def __init__(self, session: AccelSession, state: StateManager, config: SortblockConfig, stack: str, index: int,
-                 counters: dict[str, Any]):
+                 counters: SortblockCounters):
         super().__init__()
         self.session, self.state_manager, self.config = session, state, config
         self.stack, self.index, self.counters = stack, index, counters
-
-    def reset_state(self, module):
-        self.state_manager.reset()
-        return module
 
     def new_forward(self, module, *args, **kwargs):
         state: SortblockState = self.state_manager.get_state()
@@ -154,7 +150,7 @@ class SortblockBlockHook(ModelHook):
         else:
             used = self._predict(cache, step)
             output = io.make_output(*(None if i is None or r is None else i + r for i, r in zip(inputs, used)))
-            self.counters["predicted_blocks"] += 1
+            self.counters.predicted_blocks += 1
         if state.mode == "rank" and cache is not None and cache.full_residuals is not None:
             state.similarity.setdefault(self.stack, {})[self.index] = self._similarity(cache.full_residuals[0], used[0])
         return output
@@ -184,11 +180,11 @@ class SortblockBlockHook(ModelHook):
         return float(F.cosine_similarity(a, b, dim=-1).mean())
 
 
-class _SortblockCall:
+class SortblockCallHook:
     """Call hook: sets the mode of each denoiser call and ranks the blocks after a rank call."""
 
-    def __init__(self, session: AccelSession, state: StateManager, config: SortblockConfig, counters: dict[str, Any]):
-        self.session, self.state_manager, self.config, self.counters = session, state, config, counters
+    def __init__(self, state: StateManager, config: SortblockConfig, counters: SortblockCounters):
+        self.state_manager, self.config, self.counters = state, config, counters
 
     def __call__(self, ctx: StepContext, call):
         state: SortblockState = self.state_manager.get_state()
@@ -213,17 +209,17 @@ class _SortblockCall:
             marks[stack] = {index for index, sim in sims.items() if sim <= threshold}
         state.marks = marks
         state.similarity = {}
-        self.counters["rankings"] += 1
-        self.counters.setdefault("rho", []).append(round(rho_t, 4))
+        self.counters.rankings += 1
+        self.counters.rho.append(round(rho_t, 4))
 
 
 def apply_sortblock(session: AccelSession, config: SortblockConfig) -> MethodHandle:
-    state = StateManager(SortblockState)
-    counters: dict[str, Any] = {"predicted_blocks": 0, "rankings": 0}
+    state = session.branch_state(SortblockState)
+    counters = SortblockCounters()
     for stack, index, block in session.blocks():
         session.add_hook(block, SortblockBlockHook(session, state, config, stack, index, counters), SORTBLOCK_HOOK)
-    session.add_call_hook(_SortblockCall(session, state, config, counters))
-    return MethodHandle(counters=counters)
+    session.add_call_hook(SortblockCallHook(state, config, counters))
+    return MethodHandle(counters)
 
 
 SORTBLOCK = Method(

@@ -22,12 +22,12 @@ Definitions (where the paper is terse):
   (0.1, 0.9) is "the central 80% of the noise levels".
 - masks: a `torch.Generator` seeded from (request seed, step index, pass index), so a request is reproducible and
   independent of CFG layout and batching. Seed None counts as 0.
-- λ per family: read from the running pipeline call. FLUX: `true_cfg_scale` when `do_true_cfg` (its true CFG;
-  the embedded `guidance_scale` is not a combine, so without true CFG the no-CFG formula applies). Wan: the
-  step's `current_guidance_scale` (Wan 2.2's two-stage scale) else `pipe.guidance_scale`, when
-  `pipe.do_classifier_free_guidance`. SD3 (one pass over cat([uncond, cond])): `pipe.guidance_scale`; only the
-  cond half of the batch is corrected and only the cond half is run through the sub-network. SD3's own
-  skip-layer-guidance call (`skip_layers=`) is passed through untouched.
+- λ: the model adapter's `cfg_scale`, from the running pipeline call's arguments (recorded by the session at call
+  entry). FLUX: `true_cfg_scale` with a negative prompt (its embedded `guidance_scale` is not a combine, so
+  without true CFG the no-CFG formula applies); Wan: `guidance_scale`, or Wan 2.2's `guidance_scale_2` below the
+  expert boundary; SD3 (one pass over cat([uncond, cond])): `guidance_scale`; only the cond half of the batch is
+  corrected and only the cond half is run through the sub-network. SD3's own skip-layer-guidance call
+  (`skip_layers=`) is passed through untouched.
 
 Composition with caches: the sub-network pass runs inside this method's call hook (innermost of all call hooks,
 so a denoiser-level cache such as AB-Cache stores the corrected output, never D̂). During the pass every block's
@@ -35,7 +35,7 @@ so a denoiser-level cache such as AB-Cache stores the corrected output, never D�
 this method (block-level caches: Sortblock, diffusers' FBCache/MagCache), so their per-step state is neither read
 nor written; hooks registered before (the session's block counter, per-call pruning) still run. The pass also runs
 under its own cache context `"<branch>:s2"`, so any stateful diffusers hook *inside* the blocks (e.g. on attention)
-keeps separate state for the sub-network. cache-dit (`dbcache`) owns the block loop itself and is refused.
+keeps separate state for the sub-network. cache-dit (`dbcache`) owns the block loop itself: declared a conflict.
 The pass's block executions are moved out of the session's block counts (which describe the denoiser calls the
 pipeline made) into this method's counters: `subnet_blocks_computed`, `subnet_blocks_dropped`; `extra_forwards`
 counts sub-network passes (the report sums it).
@@ -44,18 +44,15 @@ counts sub-network passes (the report sums it).
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from diffusers.hooks.hooks import CacheContext, _set_cache_context
 from pydantic import Field, field_validator, model_validator
 
-from accel.adapters import unwrap_denoiser_output
-from accel.apply import AccelSession, StepContext
-from accel.base import Method, MethodConfig, MethodHandle
-from accel.errors import SpecError
+from accel.adapters import parse_block_name, unwrap_denoiser_output
+from accel.base import Counters, Method, MethodConfig, MethodHandle
+from accel.session import AccelSession, StepContext, restore_forwards, save_forwards
 
 
 class S2Config(MethodConfig):
@@ -125,65 +122,37 @@ def draw_mask(eligible: dict[str, list[int]], sizes: dict[str, int], drop_ratio:
 
 
 @dataclass
+class S2Counters(Counters):
+    active_steps: int = 0  # calls corrected by a sub-network
+    extra_forwards: int = 0  # sub-network passes run
+    subnet_blocks_computed: int = 0  # block forwards of those passes
+    subnet_blocks_dropped: int = 0  # blocks made identity in those passes
+
+
+@dataclass
 class S2State:
-    """Per call: the mask of the running sub-network pass (None outside it) and the masks drawn, for the report."""
+    """Per call: the mask of the running sub-network pass (None outside it)."""
 
     mask: dict[str, set[int]] | None = None
-    masks: list[dict[str, list[int]]] = field(default_factory=list)
 
     def reset(self) -> None:
-        self.mask, self.masks = None, []
-
-
-
-def _pipeline_call_locals(pipe: Any) -> dict[str, Any] | None:
-    """The local variables of the running `pipe.__call__` (to read λ where the pipeline keeps it in a local)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__call__" and frame.f_locals.get("self") is pipe:
-            return frame.f_locals
-        frame = frame.f_back
-    return None
-
-
-def cfg_scale(session: AccelSession, ctx: StepContext) -> float | None:
-    """λ of the pipeline's CFG combine for this call, or None when the pipeline runs no CFG."""
-    pipe, family = session.pipe, session.adapter.family
-    if ctx.branch == "batch":
-        return float(pipe.guidance_scale)
-    if family == "flux":
-        found = _pipeline_call_locals(pipe)
-        if found is None:  # the transformer called outside its pipeline: no CFG combine follows
-            return None
-        if "do_true_cfg" not in found:
-            raise SpecError(f"s2: could not read true_cfg_scale from the running {type(pipe).__name__} call")
-        return float(found["true_cfg_scale"]) if found["do_true_cfg"] else None
-    if getattr(pipe, "do_classifier_free_guidance", False):
-        found = _pipeline_call_locals(pipe) or {}
-        scale = found.get("current_guidance_scale")
-        return float(scale if scale is not None else pipe.guidance_scale)
-    return None
+        self.mask = None
 
 
 def _subnet_forward(session: AccelSession, state: S2State, stack: str, index: int, entry, module, *args, **kwargs):
     """A block's forward during the sub-network pass: identity if drawn, else the block below later hooks."""
     if index in state.mask.get(stack, ()):
-        io = session.block_io(module)
-        hidden, encoder = io.inputs(args, kwargs)
-        if getattr(module, "context_pre_only", False):
-            encoder = None  # what such a block (SD3's last) returns for the text stream
-        return io.make_output(hidden, encoder)
+        return session.block_io(module).identity_output(module, args, kwargs)
     return entry(*args, **kwargs)
 
 
-class _S2Call:
+class S2CallHook:
     """Call hook: after the normal call of the conditional branch, run the sub-network(s) and correct the output."""
 
     def __init__(self, session: AccelSession, config: S2Config, state: S2State, entries: dict, eligible: dict,
-                 counters: dict[str, Any]):
+                 counters: S2Counters):
         self.session, self.config, self.state, self.entries = session, config, state, entries
         self.eligible, self.counters = eligible, counters
-        self.sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
 
     def __call__(self, ctx: StepContext, call):
         if ctx.branch not in ("cond", "batch") or not is_active(self.config, ctx):
@@ -192,14 +161,16 @@ class _S2Call:
         if keywords.get("skip_layers") is not None:  # SD3's own skip-layer-guidance pass
             return call()
         output = call()
-        lam = cfg_scale(self.session, ctx)
+        session = self.session
+        lam = session.adapter.cfg_scale(session.pipe, session.call_kwargs, ctx.timestep)
         sample, wrap = unwrap_denoiser_output(output)
         half = sample.shape[0] // 2 if ctx.branch == "batch" else 0
         cond = sample[half:]
         subnet = self._subnet_call(call, ctx, half)
         total = None
         for p in range(self.config.passes):
-            mask = draw_mask(self.eligible, self.sizes, self.config.drop_ratio, self.session.seed, ctx.step_index, p)
+            mask = draw_mask(self.eligible, session.stack_sizes, self.config.drop_ratio, session.seed,
+                             ctx.step_index, p)
             predicted = self._run_masked(subnet, mask, ctx)
             if predicted.shape[0] != cond.shape[0]:  # fell back to running the whole batch
                 predicted = predicted[half:]
@@ -207,7 +178,7 @@ class _S2Call:
         d_hat = total / self.config.passes if self.config.passes > 1 else total
         weight = self.config.omega / lam if lam is not None else self.config.omega
         corrected = cond - weight * (d_hat - cond)
-        self.counters["active_steps"] += 1
+        self.counters.active_steps += 1
         if half:
             corrected = torch.cat([sample[:half], corrected], dim=0)
         return wrap(corrected.to(sample.dtype))
@@ -229,64 +200,41 @@ class _S2Call:
 
     def _run_masked(self, subnet, mask: dict[str, list[int]], ctx: StepContext) -> torch.Tensor:
         session, state = self.session, self.state
-        transformer = session.transformer
         state.mask = {stack: set(indices) for stack, indices in mask.items()}
-        state.masks.append(mask)
-        saved_counts = dict(session.report.blocks_computed)
-        saved_forwards = {}
+        saved = save_forwards([block for block, _ in self.entries.values()])
         for (stack, index), (block, entry) in self.entries.items():
-            saved_forwards[block] = block.__dict__.get("forward")
             block.forward = functools.partial(_subnet_forward, session, state, stack, index, entry, block)
-        _set_cache_context(transformer, CacheContext(f"{ctx.branch}:s2", step_index=ctx.step_index,
-                                                     num_inference_steps=ctx.num_steps, timestep=ctx.timestep,
-                                                     sigma=ctx.sigma))
         try:
-            output = subnet()
+            with session.side_pass(ctx, f"{ctx.branch}:s2") as side:
+                output = subnet()
         finally:
-            for block, forward in saved_forwards.items():
-                if forward is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = forward
-            _set_cache_context(transformer, CacheContext(ctx.branch, step_index=ctx.step_index,
-                                                         num_inference_steps=ctx.num_steps, timestep=ctx.timestep,
-                                                         sigma=ctx.sigma))
+            restore_forwards(saved)
             state.mask = None
-            for stack, count in session.report.blocks_computed.items():
-                self.counters["subnet_blocks_computed"] += count - saved_counts[stack]
-                session.report.blocks_computed[stack] = saved_counts[stack]
-        self.counters["extra_forwards"] += 1
-        self.counters["subnet_blocks_dropped"] += sum(len(v) for v in mask.values())
+        self.counters.subnet_blocks_computed += side.blocks_computed
+        self.counters.extra_forwards += 1
+        self.counters.subnet_blocks_dropped += sum(len(v) for v in mask.values())
         return unwrap_denoiser_output(output)[0]
 
 
 def eligible_blocks(session: AccelSession, protected: list[str]) -> dict[str, list[int]]:
-    """Per stack, the indices S² may drop; unknown protected names are a SpecError naming the stacks."""
-    protected_set = set()
-    for name in protected:
-        stack, _, index = name.rpartition(".")
-        if stack not in session.stacks or int(index) >= len(session.stacks[stack]):
-            raise SpecError(f"s2.protected_blocks: no block {name!r}; stacks: "
-                            + ", ".join(f"{s} (0..{len(b) - 1})" for s, b in session.stacks.items()))
-        protected_set.add((stack, int(index)))
-    return {stack: [i for i in range(1, len(blocks)) if (stack, i) not in protected_set]
-            for stack, blocks in session.stacks.items()}
+    """Per stack, the indices S² may drop; unknown protected names are a SpecError naming the blocks."""
+    protected_set = {parse_block_name(name, session.stack_sizes, "s2.protected_blocks") for name in protected}
+    return {stack: [i for i in range(1, size) if (stack, i) not in protected_set]
+            for stack, size in session.stack_sizes.items()}
 
 
 def apply_s2(session: AccelSession, config: S2Config) -> MethodHandle:
-    if any(c.method == "dbcache" for c in session.configs):
-        raise SpecError("s2: cannot be combined with dbcache (cache-dit runs the block loop itself)")
     eligible = eligible_blocks(session, config.protected_blocks)
     state = S2State()
-    counters: dict[str, Any] = {"active_steps": 0, "extra_forwards": 0, "subnet_blocks_computed": 0,
-                                "subnet_blocks_dropped": 0}
+    counters = S2Counters()
     # each block's forward as it is now: the session's counter and earlier structural hooks, nothing applied later
     entries = {(stack, index): (block, block.forward) for stack, index, block in session.blocks()}
-    session.add_call_hook(_S2Call(session, config, state, entries, eligible, counters))
-    return MethodHandle(on_remove=state.reset, counters=counters)
+    session.add_call_hook(S2CallHook(session, config, state, entries, eligible, counters))
+    return MethodHandle(counters, on_remove=state.reset)
 
 
 S2 = Method(
     "s2", S2Config, apply_s2,
     "S²-Guidance: guide away from a random block-dropping sub-network; +1 forward per active step (arXiv 2508.12880)",
+    conflicts=("dbcache",),  # cache-dit runs the block loop itself: the sub-network cannot drop its blocks
 )

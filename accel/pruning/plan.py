@@ -1,4 +1,4 @@
-"""Block pruning: the plan file, physical removal at load, and the per-call `prune` method (skip as identity).
+"""Block pruning plans: the plan file and physical removal at load (the per-call method is `accel/pruning/prune.py`).
 
 A plan (written by `accel prune calibrate`, see `accel/pruning/importance.py`) is JSON:
 
@@ -34,19 +34,14 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
-from pydantic import Field, model_validator
 
-from accel.adapters import ModelAdapter, adapter_for
-from accel.apply import AccelSession
-from accel.base import Method, MethodConfig, MethodHandle
-from accel.errors import AccelError, SpecError
+from accel.adapters import ModelAdapter, adapter_for, parse_block_name
+from accel.errors import AccelError
 
 PLAN_FORMAT = "accel-prune-plan/1"
-PRUNE_HOOK = "accel_prune"
 SCORES = ("influence", "angular", "drop_one")
 # the transformer config key that records each stack's block count, per family
 CONFIG_KEYS: dict[tuple[str, str], str] = {
@@ -58,18 +53,8 @@ CONFIG_KEYS: dict[tuple[str, str], str] = {
 
 
 # -- names, fingerprint, protection ---------------------------------------------------------------------------
-def parse_block(name: str, sizes: dict[str, int]) -> tuple[str, int]:
-    """"stack.index" -> (stack, index), checked against the stacks; a SpecError naming them otherwise."""
-    stack, _, index = name.rpartition(".")
-    if stack not in sizes or not index.isdigit() or int(index) >= sizes[stack]:
-        raise SpecError(f"prune: no block {name!r}; blocks are "
-                        + ", ".join(f"{s}.0..{s}.{n - 1}" for s, n in sizes.items()))
-    return stack, int(index)
-
-
 def block_sizes(transformer: torch.nn.Module, adapter: ModelAdapter | None = None) -> dict[str, int]:
-    adapter = adapter or adapter_for(transformer)
-    return {name: len(blocks) for name, blocks in adapter.block_stacks(transformer).items()}
+    return (adapter or adapter_for(transformer)).block_sizes(transformer)
 
 
 def protected_blocks(transformer: torch.nn.Module, adapter: ModelAdapter | None = None) -> list[str]:
@@ -199,7 +184,7 @@ def remove_blocks(transformer: torch.nn.Module, names: list[str]) -> list[str]:
     for name in names:
         if name in protected:
             raise AccelError(f"prune: {name} is protected (first block of its stack, or built differently)")
-        stack, index = parse_block(name, sizes)
+        stack, index = parse_block_name(name, sizes, "prune")
         drop[stack].add(index)
     config = dict(transformer.config)
     for stack, indices in drop.items():
@@ -223,76 +208,3 @@ def prune_pipeline(pipe: Any, plan: str | Path | Plan, ratio: float, score: str 
     removed = remove_blocks(pipe.transformer, plan.select(ratio, score))
     pipe.accel_pruned = {"ratio": ratio, "score": score, "removed": removed}
     return removed
-
-
-# -- per call: skip as identity ---------------------------------------------------------------------------------
-class PruneConfig(MethodConfig):
-    """Skip blocks as identity for one call, without touching weights. Give `blocks`, or `plan` (+ `ratio`)."""
-
-    method: Literal["prune"] = "prune"
-    blocks: list[str] | None = Field(
-        None, description='Blocks to skip, as "stack.index" (e.g. "single_transformer_blocks.3"). Not with plan.'
-    )
-    plan: str | None = Field(None, description="Path of a plan file from `accel prune calibrate`.")
-    ratio: float = Field(0.0, ge=0.0, le=0.9, description="With plan: fraction of all blocks skipped. 0 = none.")
-    score: Literal["recommended", "influence", "angular", "drop_one"] = Field(
-        "recommended", description="With plan: which calibration score picks the blocks (default: the plan's)."
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "PruneConfig":
-        if (self.blocks is None) == (self.plan is None):
-            raise ValueError("give exactly one of blocks (a list of \"stack.index\") or plan (a plan file path)")
-        if self.blocks is not None and self.ratio:
-            raise ValueError("ratio applies to a plan; with blocks, list the blocks to skip")
-        return self
-
-
-class PruneBlockHook(ModelHook):
-    """Returns the block's inputs in its output structure (identity) instead of running it."""
-
-    def __init__(self, session: AccelSession, counters: dict[str, Any]):
-        super().__init__()
-        self.session, self.counters = session, counters
-
-    def new_forward(self, module, *args, **kwargs):
-        io = self.session.block_io(module)
-        hidden, encoder = io.inputs(args, kwargs)
-        if getattr(module, "context_pre_only", False):
-            encoder = None
-        self.counters["skipped_blocks"] += 1
-        return io.make_output(hidden, encoder)
-
-
-def blocks_for_call(session: AccelSession, config: PruneConfig) -> list[str]:
-    sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
-    if config.blocks is not None:
-        for name in config.blocks:
-            stack, index = parse_block(name, sizes)
-            if index == 0:
-                raise SpecError(f"prune: {name} is the first block of its stack, which is never pruned")
-        return list(dict.fromkeys(config.blocks))
-    try:
-        plan = load_plan(config.plan)
-        plan.check(session.transformer)
-        return plan.select(config.ratio, config.score)
-    except SpecError:
-        raise
-    except AccelError as exc:
-        raise SpecError(str(exc)) from None
-
-
-def apply_prune(session: AccelSession, config: PruneConfig) -> MethodHandle:
-    names = blocks_for_call(session, config)
-    counters: dict[str, Any] = {"pruned": names, "skipped_blocks": 0}
-    sizes = {stack: len(blocks) for stack, blocks in session.stacks.items()}
-    for name in names:
-        stack, index = parse_block(name, sizes)
-        session.add_hook(session.stacks[stack][index], PruneBlockHook(session, counters), PRUNE_HOOK)
-    return MethodHandle(counters=counters)
-
-
-PRUNE = Method(
-    "prune", PruneConfig, apply_prune,
-    "Pruned blocks per call: skip calibrated or listed blocks as identity (ShortGPT / Gromov et al. scores)",
-)
