@@ -65,11 +65,6 @@ def mask_to_kv_blocks(kv_block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return counts.contiguous(), indices.contiguous()
 
 
-def token_mask(kv_block_mask: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """The block mask expanded to tokens: (B, H, L, L) bool."""
-    return kv_block_mask.repeat_interleave(block_size, -2).repeat_interleave(block_size, -1)[..., :length, :length]
-
-
 # -- reference ---------------------------------------------------------------------------------------------------
 def reference_attention(q, k, v, kv_block_mask, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense scores with the mask applied, in float32, chunked over query rows."""
