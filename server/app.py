@@ -1,5 +1,5 @@
 """The FastAPI application: state, middleware (request id, body limit, access log, metrics), lifespan
-(background model loading, scheduler, drain on shutdown), and `serve()` for `accel serve`."""
+(background model loading, scheduler, video-job watcher, drain on shutdown), and `serve()` for `accel-server`."""
 
 from __future__ import annotations
 
@@ -11,17 +11,24 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.api.errors import APIError, api_error_handler, error_body, http_error_handler, validation_error_handler
+from server.api.errors import (
+    APIError,
+    api_error_handler,
+    error_body,
+    http_error_handler,
+    job_error,
+    validation_error_handler,
+)
 from server.api.routes import router
 from server.engine import Engine
-from server.jobs import JobStore, make_job_store
+from server.jobs import VideoJobs, make_job_store
 from server.metrics import Metrics
 from server.scheduler import Scheduler
 from server.settings import ServerSettings, SettingsError
@@ -34,13 +41,12 @@ class AppState:
     settings: ServerSettings
     engine: Engine
     metrics: Metrics
-    jobs: JobStore
-    scheduler: Scheduler | None = None
+    scheduler: Scheduler
+    videos: VideoJobs
     ready: bool = False
     load_error: str | None = None
     started: float = field(default_factory=time.time)
-    job_items: dict[str, Any] = field(default_factory=dict)
-    on_fatal: Any = None  # called when models fail to load (serve() stops the process)
+    on_fatal: Callable[[], None] | None = None  # called when models fail to load (serve() stops the process)
 
     def retry_after(self) -> int:
         """Seconds a client should wait when the queue is full: roughly the queue's worth of recent batches."""
@@ -49,24 +55,26 @@ class AppState:
 
 def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
+    store = make_job_store(settings)  # first: an unreachable Redis stops the start-up here
     metrics = Metrics()
-    app_state = AppState(settings=settings, engine=Engine(settings), metrics=metrics,
-                         jobs=make_job_store(settings))
+    engine = Engine(settings)
+    scheduler = Scheduler(engine, settings, metrics)
+    videos = VideoJobs(store, scheduler, describe_error=job_error)
+    app_state = AppState(settings=settings, engine=engine, metrics=metrics, scheduler=scheduler, videos=videos)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app_state.scheduler = Scheduler(app_state.engine, settings, metrics)
-        app_state.scheduler.start()
+        scheduler.start()
         loading = asyncio.get_running_loop().create_task(_load_models(app_state))
-        watching = asyncio.get_running_loop().create_task(_watch_cancellations(app_state))
+        watching = asyncio.get_running_loop().create_task(videos.watch(settings.job_poll_s))
         try:
             yield
         finally:
-            await app_state.scheduler.drain(settings.shutdown_grace_s)
+            await scheduler.drain(settings.shutdown_grace_s)
             loading.cancel()
             watching.cancel()
-            await app_state.scheduler.stop()
-            app_state.jobs.close()
+            await scheduler.stop()
+            videos.close()
 
     app = FastAPI(title="diffusion-accel", version="0.1.0", lifespan=lifespan,
                   description="Diffusion pipelines with per-request training-free acceleration.")
@@ -132,29 +140,11 @@ async def _load_models(app_state: AppState) -> None:
     try:
         await asyncio.to_thread(app_state.engine.load, loaded)
         app_state.ready = True
-    except Exception as exc:  # noqa: BLE001 - reported on /ready and fatal for `accel serve`
+    except Exception as exc:  # noqa: BLE001 - reported on /ready and fatal for `accel-server`
         app_state.load_error = str(exc)
         log.critical(json.dumps({"event": "model_load_failed", "error": str(exc)}))
         if app_state.on_fatal is not None:
             app_state.on_fatal()
-
-
-async def _watch_cancellations(app_state: AppState) -> None:
-    """Jobs of this replica that a DELETE on another replica cancelled while they were still queued (a running
-    job notices by itself within one step: its progress write fails)."""
-    while True:
-        await asyncio.sleep(app_state.settings.job_poll_s)
-        waiting = {job_id: item for job_id, item in app_state.job_items.items() if item.started is None}
-        if not waiting:
-            continue
-        try:
-            cancelled = await asyncio.to_thread(app_state.jobs.cancelled, list(waiting))
-        except Exception as exc:  # noqa: BLE001 - a store outage must not kill the watcher
-            log.warning(json.dumps({"event": "job_store_error", "error": str(exc)}))
-            continue
-        for job_id in cancelled:
-            if app_state.scheduler is not None:
-                app_state.scheduler.cancel(waiting[job_id])
 
 
 def serve(settings: ServerSettings) -> int:

@@ -1,6 +1,7 @@
-"""Video job records behind a small store interface: in this process (`MemoryJobStore`, one replica) or in Redis
-(`RedisJobStore`, shared by several replicas, so a poll, a download or a DELETE may land on any of them).
+"""Video jobs: their records, the stores that keep them, and the `VideoJobs` service that runs their lifecycle.
 
+Records live behind a small store interface: in this process (`MemoryJobStore`, one replica) or in Redis
+(`RedisJobStore`, shared by several replicas, so a poll, a download or a DELETE may land on any of them).
 Every state change of a job goes through the store (no job object is mutated in place and shared):
 
 - `create(job)` records a new job; `update(job)` writes a changed copy *only if the job still exists and was
@@ -16,11 +17,45 @@ Finished jobs are forgotten after `ttl` seconds, and the oldest finished ones wh
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import secrets
 import threading
 import time
-from typing import Iterable, Protocol
+from typing import Any, Callable, Iterable, Literal, Protocol
 
-from server.api.schemas import VideoJob
+from pydantic import BaseModel
+
+from accel.io import video_bytes
+
+from server.scheduler import Cancelled, Scheduler, WorkItem
+
+log = logging.getLogger("accel.server")
+
+VideoStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
+
+
+class VideoJob(BaseModel):
+    """A video job's record: OpenAI's Video object plus our fields (the API returns it as is)."""
+
+    id: str
+    object: Literal["video"] = "video"
+    model: str
+    status: VideoStatus
+    progress: int = 0
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    prompt: str
+    seconds: str
+    size: str
+    error: dict[str, Any] | None = None
+    remixed_from_video_id: str | None = None
+    num_frames: int
+    fps: int
+    seed: int
+    acceleration: dict[str, Any] | None = None
 
 
 class JobStore(Protocol):
@@ -106,10 +141,6 @@ class MemoryJobStore:
     def cancelled(self, job_ids: Iterable[str]) -> set[str]:
         with self._lock:
             return {i for i in job_ids if i in self._cancelled}
-
-    def active_count(self) -> int:
-        with self._lock:
-            return sum(1 for j in self._jobs.values() if j.status in ("queued", "in_progress"))
 
     def close(self) -> None:
         pass
@@ -222,3 +253,114 @@ def make_job_store(settings) -> JobStore:
     except Exception as exc:  # noqa: BLE001 - any connection error is one message naming the setting
         raise SettingsError(f"redis_url: cannot reach Redis at {settings.redis_url}: {exc}") from None
     return store
+
+
+class _JobWriter:
+    """This replica's copy of a job it runs. Every change is a new copy written through the store; a write that
+    the store refuses (the job was deleted, here or on another replica) answers False and the work stops."""
+
+    def __init__(self, store: JobStore, job: VideoJob):
+        self.store, self.job = store, job
+
+    def write(self, **changes: Any) -> bool:
+        self.job = self.job.model_copy(update=changes)
+        try:
+            return self.store.update(self.job)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup must not fail the job; the next step retries
+            log.warning(json.dumps({"event": "job_store_error", "job": self.job.id, "error": str(exc)}))
+            return True
+
+
+class VideoJobs:
+    """The video-job lifecycle, the same over either store: a job is recorded, then its work is queued; the work
+    writes the record as it runs (in_progress, progress after every step, then its final state and content); a
+    DELETE on any replica stops it. Work is only ever cancelled through `scheduler.cancel`. Store calls from the
+    event loop run in a thread (a remote store blocks)."""
+
+    def __init__(self, store: JobStore, scheduler: Scheduler, describe_error: Callable[[BaseException, str], dict]):
+        self.store, self.scheduler, self.describe_error = store, scheduler, describe_error
+        self.items: dict[str, WorkItem] = {}  # this replica's jobs, queued or running, by job id
+
+    async def submit(self, item: WorkItem, fps: int) -> VideoJob:
+        """Record a queued job for `item` (its parameters resolved), then queue the work. When admission refuses
+        it (`QueueFull`, `Draining`), the record is deleted again and the error raised."""
+        params = item.params
+        job = VideoJob(id="video_" + secrets.token_hex(12), model=item.model, status="queued",
+                       created_at=int(time.time()), prompt=params.prompt, seconds=f"{params.num_frames / fps:g}",
+                       size=f"{params.width}x{params.height}", num_frames=params.num_frames, fps=fps,
+                       seed=params.seed)
+        writer = _JobWriter(self.store, job)
+        total_steps = params.num_inference_steps or 1
+
+        def on_start() -> None:
+            if not writer.write(status="in_progress"):  # deleted (on any replica) before it started
+                self.scheduler.cancel(item)
+
+        def on_progress(step: int) -> None:  # in the engine's worker thread, after every step
+            if not writer.write(progress=min(99, int(100 * step / total_steps))):
+                self.scheduler.cancel(item)  # deleted elsewhere: stop at this step
+
+        item.on_start, item.on_progress = on_start, on_progress
+        await asyncio.to_thread(self.store.create, job)
+        try:
+            future = self.scheduler.submit(item)
+        except Exception:
+            await asyncio.to_thread(self.store.delete, job.id)
+            raise
+        self.items[job.id] = item
+        asyncio.get_running_loop().create_task(self._finish(writer, item, future))
+        return job
+
+    async def _finish(self, writer: _JobWriter, item: WorkItem, future: asyncio.Future) -> None:
+        job_id = writer.job.id
+        final: dict[str, Any] | None = None
+        try:
+            result = await future
+            content = await asyncio.to_thread(video_bytes, result.videos[0], writer.job.fps)
+            if await asyncio.to_thread(self.store.put_content, job_id, content):
+                final = {"status": "completed", "progress": 100, "acceleration": result.report}
+        except Cancelled:
+            final = {"status": "cancelled"}
+        except BaseException as exc:  # noqa: BLE001 - a failed job records its error; the server keeps serving
+            final = {"status": "failed", "error": self.describe_error(exc, job_id)}
+        finally:
+            self.items.pop(job_id, None)
+        if final is not None:  # a deleted job stays deleted: the store refuses the write
+            await asyncio.to_thread(writer.write, completed_at=int(time.time()), **final)
+
+    async def get(self, job_id: str) -> VideoJob | None:
+        return await asyncio.to_thread(self.store.get, job_id)
+
+    async def list(self) -> list[VideoJob]:
+        return await asyncio.to_thread(self.store.list)
+
+    async def content(self, job_id: str) -> bytes | None:
+        return await asyncio.to_thread(self.store.get_content, job_id)
+
+    async def delete(self, job_id: str) -> bool:
+        """Delete the job in the store and raise its cancel flag: the replica running it (this one or another)
+        stops within one step; one where it still waits drops it within `job_poll_s` (`watch`)."""
+        existed = await asyncio.to_thread(self.store.delete, job_id)
+        item = self.items.get(job_id)
+        if item is not None:
+            self.scheduler.cancel(item)  # ours: a running batch stops within one step
+        return existed
+
+    async def watch(self, poll_s: float) -> None:
+        """Cancel jobs of this replica that a DELETE on another replica cancelled while they were still queued (a
+        running job notices by itself within one step: its progress write fails)."""
+        while True:
+            await asyncio.sleep(poll_s)
+            waiting = {job_id: item for job_id, item in self.items.items() if item.started is None}
+            if not waiting:
+                continue
+            try:
+                cancelled = await asyncio.to_thread(self.store.cancelled, list(waiting))
+            except Exception as exc:  # noqa: BLE001 - a store outage must not kill the watcher
+                log.warning(json.dumps({"event": "job_store_error", "error": str(exc)}))
+                continue
+            for job_id in cancelled:
+                self.scheduler.cancel(waiting[job_id])
+
+    def close(self) -> None:
+        self.store.close()

@@ -3,8 +3,9 @@
 - Admission: at most `queue_size` requests wait; beyond that `QueueFull` (the route answers 429 with
   Retry-After at once). While draining, nothing is admitted.
 - Batching: the oldest waiting request opens a batch; requests with the same model, generation knobs (size,
-  steps, guidance, frames) and acceleration spec join it, up to `max_batch_size`, waiting at most
-  `max_batch_wait_ms` after the oldest arrived. Incompatible requests are never mixed.
+  steps, guidance, frames; defaults filled in) and acceleration spec (its canonical key) join it, up to
+  `max_batch_size`, waiting at most `max_batch_wait_ms` after the oldest arrived. Incompatible requests are
+  never mixed.
 - Deadlines and cancellation: polled after every denoising step; a batch whose requests are all cancelled or
   past their deadline is interrupted, so the device is free within one step.
 - Failures: a failed batch of several requests is retried one by one, so a bad request fails alone; an
@@ -20,12 +21,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from accel.errors import AccelError
-from accel.generate import GenerationParams, GenerationResult, batch_key
+from accel.generate import GenerationParams, GenerationResult
+from accel.spec import AccelSpec
 
-from server.engine import Engine
+from server.engine import BatchRecord, Engine, work_key
 from server.metrics import Metrics
 from server.settings import ServerSettings
 
@@ -54,11 +56,12 @@ class OutOfMemory(Exception):
 
 @dataclass
 class WorkItem:
+    """One admitted request: parameters resolved against its model and its spec parsed, both once, by the route."""
+
     model: str
     params: GenerationParams
-    accel: Any  # validated spec as JSON-able data (compared for batching)
+    spec: AccelSpec
     deadline: float  # time.monotonic()
-    kind: str = "image"
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -67,13 +70,13 @@ class WorkItem:
     on_progress: Callable[[int], None] | None = None  # steps done, after every step
     on_start: Callable[[], None] | None = None
     future: asyncio.Future | None = None
-    batch_size: int = 0
+    record: BatchRecord | None = None  # what the engine ran for this request's batch, once it ran
     last_step: int = 0  # denoising steps finished so far (polled by the worker after each step)
     cancel_step: int | None = None  # `last_step` when the cancel arrived: the worker stops at most one step later
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.kind, batch_key(self.params), json.dumps(self.accel, sort_keys=True))
+        return work_key(self.model, self.params, self.spec)
 
     def expired(self, now: float | None = None) -> bool:
         return (now or time.monotonic()) > self.deadline
@@ -108,7 +111,8 @@ class Scheduler:
         return item.future
 
     def cancel(self, item: WorkItem) -> None:
-        """Cancel a waiting or running item; a running batch stops at the next step if nothing in it is left."""
+        """Cancel a waiting or running item; a running batch stops at the next step if nothing in it is left.
+        The one way work is cancelled; also called from the engine's thread for a running item (flags only)."""
         item.cancelled = True
         item.cancel_step = item.last_step
         if item in self.pending:
@@ -178,7 +182,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         for item in batch:
-            item.started, item.batch_size = now, len(batch)
+            item.started = now
             self.metrics.queue_seconds.observe(now - item.enqueued)
             if item.on_start:
                 item.on_start()
@@ -196,7 +200,7 @@ class Scheduler:
         head = batch[0]
         try:
             results, record = await loop.run_in_executor(
-                self._executor, self.engine.run, head.model, [i.params for i in batch], head.accel, should_stop
+                self._executor, self.engine.run, head.model, [i.params for i in batch], head.spec, should_stop
             )
         except Exception as exc:  # noqa: BLE001 - sorted below: OOM, one-by-one retry, or the item's own error
             self.running = []
@@ -216,8 +220,9 @@ class Scheduler:
         self.running = []
         self.metrics.running.set(0)
         self.metrics.run_seconds.labels(head.model).observe(results[0].seconds)
-        self._observe_acceleration(results[0])
+        self._observe_acceleration(head.spec, results[0])
         for item, result in zip(batch, results):
+            item.record = record
             if item.cancelled:
                 self._finish(item, exc=Cancelled())
             elif item.expired():
@@ -225,11 +230,9 @@ class Scheduler:
             else:
                 self._finish(item, result=result)
 
-    def _observe_acceleration(self, result: GenerationResult) -> None:
-        report = result.report
-        fraction = report.get("block_fraction_computed", 1.0)
-        for method in report.get("methods", []) or ["off"]:
-            name = method.split(":")[0]
+    def _observe_acceleration(self, spec: AccelSpec, result: GenerationResult) -> None:
+        fraction = result.report.get("block_fraction_computed", 1.0)
+        for name in [config.method for config in spec] or ["off"]:
             self.metrics.block_skip_ratio.labels(name).observe(1.0 - fraction)
             if 0 < fraction < 1:
                 self.metrics.time_saved.labels(name).inc(result.seconds * (1 - fraction) / fraction)

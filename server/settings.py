@@ -1,7 +1,7 @@
 """Server settings: environment variables (prefix `ACCEL_`, nested with `__`) and an optional YAML/TOML file,
 validated at start-up. A bad setting stops the server with a message naming it.
 
-    ACCEL_QUEUE_SIZE=64 ACCEL_API_KEYS='["secret"]' accel serve --config server.yaml
+    ACCEL_QUEUE_SIZE=64 ACCEL_API_KEYS='["secret"]' accel-server --config server.yaml
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from accel.errors import validation_errors
 from accel.loading import DEFAULT_MODEL
+from accel.spec import parse_spec
 
 
 class ModelSettings(BaseModel):
@@ -62,12 +64,14 @@ class ServerSettings(BaseSettings):
 
     @field_validator("models")
     @classmethod
-    def _unique_ids(cls, models: list[ModelSettings]) -> list[ModelSettings]:
+    def _models(cls, models: list[ModelSettings]) -> list[ModelSettings]:
         if not models:
             raise ValueError("at least one model is required")
         ids = [m.id for m in models]
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
+        for model in models:
+            parse_spec(model.default_preset)  # a SpecError (a ValueError) names the problem
         return models
 
     @field_validator("redis_url")
@@ -76,14 +80,6 @@ class ServerSettings(BaseSettings):
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, got {url!r}")
         return url
-
-    @model_validator(mode="after")
-    def _presets_exist(self) -> "ServerSettings":
-        from accel.spec import parse_spec
-
-        for model in self.models:
-            parse_spec(model.default_preset)  # raises SpecError naming the problem
-        return self
 
 
 class SettingsError(ValueError):
@@ -116,7 +112,6 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     try:
         return ServerSettings(**data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
-        raise SettingsError("invalid settings: " + "; ".join(lines)) from None
+        raise SettingsError("invalid settings: " + validation_errors(exc.errors())[0]) from None
     except ValueError as exc:
         raise SettingsError(f"invalid settings: {exc}") from None

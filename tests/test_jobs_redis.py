@@ -9,8 +9,7 @@ import time
 import httpx
 import pytest
 
-from server.api.schemas import VideoJob
-from server.jobs import MemoryJobStore, RedisJobStore
+from server.jobs import MemoryJobStore, RedisJobStore, VideoJob
 from server.settings import SettingsError, load_settings
 from server_fixtures import ServeProcess, free_port
 

@@ -29,6 +29,24 @@ def client(live):
     return OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
 
 
+def record_batches(engine, monkeypatch) -> list:
+    """The batch records `engine.run` returns from now on (until the test ends), in order."""
+    records, run = [], engine.run
+
+    def recording(*args):
+        results, record = run(*args)
+        records.append(record)
+        return results, record
+
+    monkeypatch.setattr(engine, "run", recording)
+    return records
+
+
+@pytest.fixture
+def records(live, monkeypatch):
+    return record_batches(live.state.engine, monkeypatch)
+
+
 def png(b64: str) -> bytes:
     return base64.b64decode(b64)
 
@@ -93,20 +111,29 @@ def test_video_job_lifecycle_with_the_openai_client(live, client):
     assert any(j.id == job.id for j in client.videos.list().data)
 
 
-def test_delete_mid_run_frees_the_worker_within_one_step(live, client):
-    job = client.videos.create(model="tiny-wan", prompt="slow", size="32x32",
-                               extra_body={"num_frames": 5, "num_inference_steps": 400, "seed": 3})
+def _running_video(live, client, prompt: str, seed: int):
+    """A 400-step video job that has made progress, and its work item."""
+    job = client.videos.create(model="tiny-wan", prompt=prompt, size="32x32",
+                               extra_body={"num_frames": 5, "num_inference_steps": 400, "seed": seed})
     deadline = time.time() + 60
     while client.videos.retrieve(job.id).progress < 3 and time.time() < deadline:
         time.sleep(0.02)
-    item = live.state.job_items[job.id]
-    assert client.videos.delete(job.id).deleted
-    with pytest.raises(Exception):
-        client.videos.retrieve(job.id)  # 404: deleted
+    return job, live.state.videos.items[job.id]
+
+
+def _wait_done(item) -> None:
     deadline = time.time() + 30
     while not item.future.done() and time.time() < deadline:
         time.sleep(0.01)
-    record = [r for r in live.state.engine.history if r.model == "tiny-wan"][-1]
+
+
+def test_delete_mid_run_frees_the_worker_within_one_step(live, client):
+    job, item = _running_video(live, client, "slow", seed=3)
+    assert client.videos.delete(job.id).deleted
+    with pytest.raises(Exception):
+        client.videos.retrieve(job.id)  # 404: deleted
+    _wait_done(item)
+    record = item.record
     assert record.interrupted_at is not None
     assert record.interrupted_at - item.cancel_step <= 1  # counted in steps, not seconds
     assert record.interrupted_at < 400
@@ -120,14 +147,12 @@ def test_delete_mid_run_frees_the_worker_within_one_step(live, client):
     assert after.status == "completed"
 
 
-def test_batching_groups_compatible_requests_and_never_mixes(live):
-    history_start = len(live.state.engine.history)
+def test_batching_groups_compatible_requests_and_never_mixes(live, records):
     bodies = [{"prompt": f"shape {i}", "seed": i, "size": "64x64", "num_inference_steps": 4} for i in range(4)]
     bodies += [{"prompt": "other size", "seed": 9, "size": "96x64", "num_inference_steps": 4}]
     with cf.ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda b: httpx.post(live.url + "/v1/images/generations", json=b, timeout=60), bodies))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-    records = live.state.engine.history[history_start:]
     assert max(r.size for r in records) >= 2  # compatible requests shared a pipeline call
     assert sum(r.size for r in records) == len(bodies)  # each request ran exactly once
     for record in records:  # the record key includes size/steps: a batch never mixes them
@@ -208,30 +233,28 @@ def test_unknown_and_unready_videos(live):
     httpx.delete(live.url + f"/v1/videos/{job['id']}", timeout=10)
 
 
-def _assert_next_record_interrupted(live, started: int, steps: int) -> None:
-    """The engine's next batch record (after ``started`` records) appears within 30 s, stopped before ``steps``."""
+def _assert_next_record_interrupted(records: list, steps: int) -> None:
+    """The engine's next batch record appears within 30 s, stopped before ``steps``."""
     deadline = time.time() + 30
-    while len(live.state.engine.history) == started and time.time() < deadline:
+    while not records and time.time() < deadline:
         time.sleep(0.05)
-    record = live.state.engine.history[-1]
+    record = records[-1]
     assert record.interrupted_at is not None and record.interrupted_at < steps
 
 
-def test_timeout_gives_504_and_stops_the_work(live):
+def test_timeout_gives_504_and_stops_the_work(live, records):
     body = {"prompt": "x", "size": "64x64", "num_inference_steps": 100, "timeout": 0.3, "seed": 5,
             "acceleration": "off"}
-    started = len(live.state.engine.history)
     response = httpx.post(live.url + "/v1/images/generations", json=body, timeout=60)
     assert response.status_code == 504
-    _assert_next_record_interrupted(live, started, steps=100)
+    _assert_next_record_interrupted(records, steps=100)
 
 
-def test_client_disconnect_cancels_its_work(live):
-    started = len(live.state.engine.history)
+def test_client_disconnect_cancels_its_work(live, records):
     body = {"prompt": "gone", "size": "64x64", "num_inference_steps": 500, "seed": 6}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(live.url + "/v1/images/generations", json=body, timeout=0.5)
-    _assert_next_record_interrupted(live, started, steps=500)
+    _assert_next_record_interrupted(records, steps=500)
 
 
 def test_listings_health_and_metrics(live):
@@ -262,9 +285,10 @@ def test_listings_health_and_metrics(live):
     assert float(load.split()[-1]) > 0
 
 
-def test_overload_gets_429_at_once_and_loses_nothing():
+def test_overload_gets_429_at_once_and_loses_nothing(monkeypatch):
     with LiveServer(models=[{"id": "tiny-flux", "source": "tiny-flux"}], queue_size=2, max_batch_size=1,
                     max_batch_wait_ms=0) as server:
+        records = record_batches(server.state.engine, monkeypatch)
         body = {"prompt": "x", "size": "64x64", "num_inference_steps": 40, "acceleration": "off"}
 
         def post(i):
@@ -280,7 +304,7 @@ def test_overload_gets_429_at_once_and_loses_nothing():
         assert all(r.headers.get("retry-after") for r, _ in rejected)
         assert all(t < 2.0 for _, t in rejected)  # refused at once, not after waiting
         assert len({r.json()["seed"] for r in accepted}) == len(accepted)  # none duplicated
-        assert sum(rec.size for rec in server.state.engine.history) == len(accepted)  # each ran exactly once
+        assert sum(rec.size for rec in records) == len(accepted)  # each ran exactly once
 
 
 def test_api_keys():
@@ -292,3 +316,64 @@ def test_api_keys():
         assert httpx.get(server.url + "/health").status_code == 200
         client = OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
         assert client.images.generate(prompt="x", size="64x64", extra_body={"num_inference_steps": 2}).data
+
+
+def test_a_spec_is_parsed_once_and_equal_specs_batch_together(live, records, monkeypatch):
+    """One spec written three ways: each request's spec is parsed once (at the route, one item each) into one
+    canonical key, so the three may share a batch; the engine gets the route's AccelSpec object itself, and the
+    pipeline call is assembled once per batch."""
+    import accel.generate
+    import accel.spec
+
+    parsed, assembled, submitted, ran = [], [], [], []
+    validate_one, pipeline_kwargs = accel.spec.validate_one, accel.generate.pipeline_kwargs
+    submit, run = live.state.scheduler.submit, live.state.engine.run
+
+    def counting_validate(item):
+        parsed.append(item)
+        return validate_one(item)
+
+    def counting_kwargs(pipe, batch):
+        assembled.append(len(batch))
+        return pipeline_kwargs(pipe, batch)
+
+    def spying_submit(item):
+        submitted.append(item)
+        return submit(item)
+
+    def spying_run(model, batch, spec, should_stop):
+        ran.append(spec)
+        return run(model, batch, spec, should_stop)
+
+    monkeypatch.setattr(accel.spec, "validate_one", counting_validate)
+    monkeypatch.setattr(accel.generate, "pipeline_kwargs", counting_kwargs)
+    monkeypatch.setattr(live.state.scheduler, "submit", spying_submit)
+    monkeypatch.setattr(live.state.engine, "run", spying_run)
+    specs = ["abcache:warmup=2,interval=3", {"method": "abcache", "interval": 3, "warmup": 2, "order": 2},
+             ["abcache:interval=3,warmup=2"]]
+    bodies = [{"prompt": f"same spec {i}", "seed": i, **SMALL, "acceleration": spec} for i, spec in enumerate(specs)]
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: httpx.post(live.url + "/v1/images/generations", json=b, timeout=60), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert len(parsed) == len(specs)  # once per request, never again in the scheduler, engine or generate
+    assert len({item.spec.key for item in submitted}) == 1 and len({r.key for r in records}) == 1
+    assert max(r.size for r in records) >= 2  # equal specs shared a pipeline call
+    assert all(any(spec is item.spec for item in submitted) for spec in ran)
+    assert assembled == [r.size for r in records]  # pipeline kwargs built once per batch
+
+
+def test_a_job_deleted_elsewhere_is_cancelled_through_the_scheduler(live, client, monkeypatch):
+    """A running job whose record vanished from the store (a DELETE on another replica) stops within one step,
+    cancelled by `scheduler.cancel` like every other cancellation."""
+    cancelled, cancel = [], live.state.scheduler.cancel
+
+    def spying_cancel(item):
+        cancelled.append(item)
+        cancel(item)
+
+    monkeypatch.setattr(live.state.scheduler, "cancel", spying_cancel)
+    job, item = _running_video(live, client, "elsewhere", seed=8)
+    assert live.state.videos.store.delete(job.id)  # as another replica's DELETE does: the store only
+    _wait_done(item)
+    assert cancelled == [item]
+    assert item.record.interrupted_at is not None and item.record.interrupted_at - item.cancel_step <= 1

@@ -1,13 +1,23 @@
-"""The error format of every non-2xx response: {"error": {"message", "type", "param", "code"}} (OpenAI style)."""
+"""The error format of every non-2xx response: {"error": {"message", "type", "param", "code"}} (OpenAI style), and
+how errors from `accel` and the scheduler map to it."""
 
 from __future__ import annotations
 
+import json
+import logging
+import traceback
 from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from accel.errors import AccelError, SpecError, validation_errors
+
+from server.scheduler import DeadlineExceeded, OutOfMemory
+
+log = logging.getLogger("accel.server")
 
 
 class APIError(Exception):
@@ -28,6 +38,34 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+def param_of(exc: AccelError) -> str | None:
+    """The request field an `accel` error is about: the spec is `acceleration`, height and width are `size`."""
+    if isinstance(exc, SpecError):
+        return "acceleration"
+    return {"width": "size", "height": "size"}.get(exc.field, exc.field)
+
+
+def failure(exc: BaseException, request_id: str) -> APIError:
+    """The response for work that failed after admission; unexpected errors are logged with a traceback."""
+    if isinstance(exc, DeadlineExceeded):
+        return APIError(504, "the request did not finish before its deadline (timeout); its work was stopped",
+                        type="timeout_error")
+    if isinstance(exc, OutOfMemory):
+        return APIError(503, "the device ran out of memory for this batch; retry with a smaller request",
+                        type="server_error", code="out_of_memory")
+    if isinstance(exc, AccelError):
+        return bad_request(str(exc), param_of(exc))
+    log.error('{"event": "internal_error", "request_id": "%s", "error": %s, "traceback": %s}', request_id,
+              json.dumps(str(exc)), json.dumps("".join(traceback.format_exception(exc))))
+    return APIError(500, f"internal error (request id {request_id})", type="server_error")
+
+
+def job_error(exc: BaseException, job_id: str) -> dict:
+    """A failed video job's `error` field: the code and message its request would have answered with."""
+    error = failure(exc, job_id)
+    return {"code": error.code or error.type, "message": error.message}
+
+
 async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                         headers=exc.headers)
@@ -36,15 +74,10 @@ async def api_error_handler(request: Request, exc: APIError) -> JSONResponse:
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 for bad bodies becomes a 400 naming the first bad field."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}" for e in errors
-    )
-    if first.get("type") == "json_invalid":
-        message, param = f"malformed JSON body: {first.get('msg')}", None
-    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+    if errors and errors[0].get("type") == "json_invalid":
+        return JSONResponse(error_body(f"malformed JSON body: {errors[0].get('msg')}", "invalid_request_error"), 400)
+    message, first = validation_errors(errors or [{"loc": (), "msg": "invalid request"}])
+    return JSONResponse(error_body(message, "invalid_request_error", None if first == "body" else first), 400)
 
 
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:

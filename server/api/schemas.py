@@ -1,7 +1,8 @@
 """Request and response schemas (OpenAI Images / Videos conventions plus our extensions).
 
-Protocol only: no serving logic here. Field limits that depend on settings (pixels, steps, n) are checked by the
-routes, which know the settings.
+Protocol only: no serving logic here. The video job record (`VideoJob`) is defined with the jobs it describes
+(`server.jobs`) and returned as is. Field limits that depend on settings (pixels, steps, n) are checked by the
+request normalisation (`server.api.requests`), which knows the settings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.jobs import VideoJob  # the job record is the response body as is
 
 Acceleration = str | dict[str, Any] | list[str | dict[str, Any]] | None
 
@@ -88,31 +91,6 @@ class VideoCreateRequest(_Request):
         if value is not None:
             raise ValueError("image-to-video input references are not supported")
         return value
-
-
-VideoStatus = Literal["queued", "in_progress", "completed", "failed", "cancelled"]
-
-
-class VideoJob(BaseModel):
-    """OpenAI's Video object plus our fields."""
-
-    id: str
-    object: Literal["video"] = "video"
-    model: str
-    status: VideoStatus
-    progress: int = 0
-    created_at: int
-    completed_at: int | None = None
-    expires_at: int | None = None
-    prompt: str
-    seconds: str
-    size: str
-    error: dict[str, Any] | None = None
-    remixed_from_video_id: str | None = None
-    num_frames: int
-    fps: int
-    seed: int
-    acceleration: dict[str, Any] | None = None
 
 
 class VideoList(BaseModel):
