@@ -33,7 +33,7 @@ USER 10001
 WORKDIR /home/accel
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 CMD ["python", "/opt/accel/healthcheck.py"]
-ENTRYPOINT ["accel", "serve"]
+ENTRYPOINT ["accel-server"]
 
 # ---- GPU: build a venv with the CUDA torch wheel and the gpu extra (xformers, triton) ------------------------------
 FROM ${CUDA_IMAGE} AS gpu-build
@@ -72,4 +72,4 @@ USER 10001
 WORKDIR /home/accel
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 CMD ["python", "/opt/accel/healthcheck.py"]
-ENTRYPOINT ["accel", "serve"]
+ENTRYPOINT ["accel-server"]

@@ -36,16 +36,16 @@ def test_dockerfile_shape():
     assert stages == ["cpu-build", "cpu", "gpu-build", "gpu"]  # gpu is the default (last) target
     assert text.count("HEALTHCHECK") == 2 and text.count("EXPOSE 8000") == 2
     assert all(u != "0" and u != "root" for u in re.findall(r"^USER (\S+)", text, re.M))
-    assert '".[gpu,redis]"' in text and "HF_HOME=/models/hf" in text and 'VOLUME ["/models"]' in text
+    assert '".[server,gpu,redis]"' in text and "HF_HOME=/models/hf" in text and 'VOLUME ["/models"]' in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
 
 
 def test_dockerfile_commands_work_here():
-    """ENTRYPOINT `accel serve` and the HEALTHCHECK script, outside Docker, against a live server."""
+    """ENTRYPOINT `accel-server` and the HEALTHCHECK script, outside Docker, against a live server."""
     text = (ROOT / "Dockerfile").read_text()
-    assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == ['["accel", "serve"]'] * 2
-    help_text = subprocess.run([str(BIN / "accel"), "serve", "--help"], capture_output=True, text=True, check=True)
+    assert re.findall(r"^ENTRYPOINT (.+)$", text, re.M) == ['["accel-server"]'] * 2
+    help_text = subprocess.run([str(BIN / "accel-server"), "--help"], capture_output=True, text=True, check=True)
     assert "--port" in help_text.stdout
     for path in re.findall(r"^COPY (?:--from=\S+ )?(\S+) ", text, re.M):
         if not path.startswith("/"):

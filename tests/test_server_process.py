@@ -1,9 +1,12 @@
-"""Settings validation and the real `accel serve` process: start-up, bad settings, SIGTERM drain."""
+"""Settings validation, the server's entry points and the real `accel serve` process: start-up, bad settings,
+SIGTERM drain."""
 
 import signal
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -47,6 +50,15 @@ def test_settings_from_file_and_environment(tmp_path, monkeypatch):
     assert load_settings(toml).models[0].id == "wan"
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("command", [[sys.executable, "-m", "server"], [str(Path(ACCEL).with_name("accel-server"))],
+                                     [ACCEL, "serve"]])
+def test_server_entry_points_run(command):
+    """The server's own entry points (`python -m server`, `accel-server`) and `accel serve`, which forwards to them."""
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout and "--port" in result.stdout
 
 
 def test_serve_refuses_bad_settings_with_a_message(tmp_path):

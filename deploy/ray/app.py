@@ -1,7 +1,7 @@
-"""Ray Serve application running the same engine as `accel serve`: the server's FastAPI app (routes, scheduler,
+"""Ray Serve application running the same engine as `accel-server`: the server's FastAPI app (routes, scheduler,
 batching, metrics) is the ingress of a Serve deployment, one replica per GPU, autoscaled on ongoing requests.
 
-    serve run deploy.ray.app:app                         # settings from ACCEL_* variables, like `accel serve`
+    serve run deploy.ray.app:app                         # settings from ACCEL_* variables, like `accel-server`
     RAY_ACCEL_NUM_GPUS=0 serve run deploy.ray.app:app    # CPU (tests): the embedded tiny model
 
 Environment: RAY_ACCEL_NUM_GPUS (default 1), RAY_ACCEL_MIN_REPLICAS / RAY_ACCEL_MAX_REPLICAS (1 / 4),
