@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   accel methods                                   # accelerators, their knobs and presets
   accel prune calibrate --model bench-flux --prompts prompts.txt --out plan.json
   accel generate --model bench-flux --prune-plan plan.json --prune-ratio 0.2 --prompt "a red circle" --out p.png
-  accel serve --port 8000                         # the HTTP server on the default model
+  accel serve --port 8000                         # the HTTP server (= accel-server; needs the server extra)
 """
 
 
@@ -81,10 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("name", help="built-in model name (see `accel models`)")
     make.add_argument("dir", help="target directory")
 
-    srv = sub.add_parser("serve", help="run the HTTP server (OpenAI-style images and videos API)")
-    srv.add_argument("--config", default=None, help="settings file (YAML, TOML or JSON); env vars ACCEL_* also apply")
-    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    # `accel serve ARGS` is forwarded to `accel-server ARGS` before parsing (see `main`); listed here for --help
+    sub.add_parser("serve", help="run the HTTP server, the same as `accel-server` (see `accel serve --help`)")
 
     prune = sub.add_parser("prune", help="block pruning: calibrate a plan (block scores and removal order)")
     prune_sub = prune.add_subparsers(dest="prune_command", required=True, metavar="SUBCOMMAND")
@@ -125,15 +123,15 @@ def _params(args, **extra) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from accel.generate import GenerationParams, generate
+    from accel.generate import GenerationParams, generate, model_info
     from accel.io import save_output
     from accel.spec import parse_spec
 
-    parse_spec(args.accel)  # fail on a bad spec before loading the model
+    spec = parse_spec(args.accel)  # fail on a bad spec before loading the model
     params = GenerationParams.parse(prompt=args.prompt, seed=args.seed, **_params(args))
     pipe = _load(args)
-    result = generate(pipe, params, args.accel)
-    fps = getattr(pipe.accel_defaults, "fps", None) or 8
+    result = generate(pipe, params, spec)
+    fps = model_info(pipe).fps
     frames = result.videos[0] if result.is_video else result.images[0]
     out = Path(args.out)
     if result.is_video and out.suffix.lower() != ".mp4":
@@ -193,16 +191,21 @@ def cmd_make_model(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from server.app import serve
-    from server.settings import SettingsError, load_settings
+SERVER_MODULES = ("fastapi", "uvicorn", "prometheus_client", "pydantic_settings")  # the `server` extra
 
-    try:
-        settings = load_settings(args.config, host=args.host, port=args.port)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+
+def cmd_serve(argv: list[str]) -> int:
+    """`accel serve`, kept for users, runs `accel-server`: the library imports the server only here."""
+    import importlib.util
+
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: the HTTP server needs the `server` extra ({', '.join(missing)} missing): "
+              "pip install 'diffusion-accel[server]'", file=sys.stderr)
         return 2
-    return serve(settings)
+    from server.__main__ import main as server_main
+
+    return server_main(argv, prog="accel serve")
 
 
 def cmd_prune(args) -> int:
@@ -252,7 +255,6 @@ COMMANDS = {
     "generate": cmd_generate,
     "bench": cmd_bench,
     "make-model": cmd_make_model,
-    "serve": cmd_serve,
     "prune": cmd_prune,
     "models": cmd_models,
     "methods": cmd_methods,
@@ -262,6 +264,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     from accel.errors import AccelError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the server parses its own options
+        return cmd_serve(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

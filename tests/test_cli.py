@@ -102,3 +102,13 @@ def test_console_script_help_runs():
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "generate" in result.stdout and "bench" in result.stdout
+
+
+def test_the_library_and_its_cli_do_not_import_the_server():
+    """`accel` works without the `server` extra: importing it (and its CLI) loads no server or HTTP module."""
+    code = ("import sys, accel, accel.cli, accel.generate; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'server', 'fastapi', 'starlette', 'uvicorn', 'prometheus_client', 'pydantic_settings'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
