@@ -172,8 +172,8 @@ def cmd_bench(args) -> int:
 
 def _adherence_scorer(prompts: list[str]):
     """The shapes adherence score (fraction of captions fully right) when every prompt is in its grammar."""
-    from accel.refmodel.scorer import score
-    from accel.refmodel.shapes import parse_caption
+    from accel.eval.shapes_captions import parse_caption
+    from accel.eval.shapes_scorer import score
 
     try:
         for prompt in prompts:

@@ -1,75 +1,43 @@
 """Load a pipeline from a built-in name, a local diffusers directory, or a Hugging Face hub id.
 
-Built-in names build small pipelines offline from configs (`accel.testing.tiny`); local directories and hub ids
-go through diffusers' `from_pretrained`, the normal path. Device and dtype default to CUDA + bf16 when a GPU is
-present and CPU + fp32 otherwise. The attention backend is one that actually runs here.
+Built-in names come from `accel.models.registry` (the trained shapes-flux with its weights in the package, and
+random-weight models built offline from configs); local directories and hub ids go through diffusers'
+`from_pretrained`, the normal path. Either way the pipeline's plain call gets the model's defaults
+(`accel.models.pipelines.with_defaults`). Device and dtype default to CUDA + bf16 when a GPU is present and
+CPU + fp32 otherwise. The attention backend is one that actually runs here.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
+from diffusers import DiffusionPipeline
 
 from accel.adapters import adapter_for
 from accel.errors import AccelError, ModelNotFoundError
+from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
+from accel.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, build_pipeline, builtin_models
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DEFAULTS_FILE",
+    "DEFAULT_MODEL",
+    "ModelDefaults",
+    "builtin_models",
+    "compile_blocks",
+    "load_pipeline",
+    "make_model",
+    "own_memory",
+    "xformers_runs",
+]
 
-DEFAULTS_FILE = "accel_defaults.json"  # written by `accel make-model` beside model_index.json
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
-
-
-@dataclass
-class ModelDefaults:
-    """Generation defaults of a model, used when a request leaves a knob out."""
-
-    height: int | None = None
-    width: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    num_frames: int | None = None
-    fps: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # pipeline kwargs the model needs, e.g. max_sequence_length
-
-
-DEFAULT_MODEL = "shapes-flux"  # the embedded default of the CLI and the server: trained here, no download
-
-
-def builtin_models() -> dict[str, Any]:
-    """Built-in model names -> their description records: the reference model trained by the project
-    (`accel.refmodel`) and the random-weight models built from configs (`accel.testing.tiny`)."""
-    from accel.refmodel.model import REFMODELS
-    from accel.testing.tiny import BUILTIN_MODELS
-
-    return {**REFMODELS, **BUILTIN_MODELS}
-
-
-def defaults_of(model: Any) -> ModelDefaults:
-    """`ModelDefaults` from a built-in model record."""
-    return ModelDefaults(
-        height=model.default_height,
-        width=model.default_width,
-        num_inference_steps=model.default_steps,
-        guidance_scale=model.default_guidance,
-        num_frames=model.default_frames,
-        fps=getattr(model, "default_fps", None) or (8 if model.default_frames else None),
-        extra=dict(getattr(model, "pipeline_kwargs", None) or {}),
-    )
-
-
-def _build_builtin(name: str, seed: int = 0):
-    return builtin_models()[name].builder(seed)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -147,38 +115,35 @@ def load_pipeline(
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
-    The pipeline carries `pipe.accel_source` and `pipe.accel_defaults` (a `ModelDefaults`).
-    `prune_plan` (a plan file from `accel prune calibrate`) with `prune_ratio` removes that fraction of the
-    transformer's blocks for good (before compilation); a plan calibrated on another model is refused.
+    The pipeline carries `pipe.accel_source` and `pipe.accel_defaults` (a `ModelDefaults`), which are also the
+    defaults of its plain call. `prune_plan` (a plan file from `accel prune calibrate`) with `prune_ratio` removes
+    that fraction of the transformer's blocks for good (before compilation); a plan calibrated on another model is
+    refused.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    builtins = builtin_models()
     path = Path(source).expanduser()
-    if source in builtins:
-        pipe = _build_builtin(source, seed=seed)
-        defaults = defaults_of(builtins[source])
+    if source in BUILTIN_MODELS:
+        pipe = build_pipeline(source, seed=seed)
+        defaults = BUILTIN_MODELS[source].defaults()
     elif path.is_dir():
         pipe = _from_pretrained(str(path), dtype, local=True)
-        defaults = _read_defaults(path)
+        defaults = read_defaults(path)
     elif _HUB_ID.match(source) and not path.exists():
         pipe = _from_pretrained(source, dtype, local=False)
         defaults = ModelDefaults()
     else:
         raise ModelNotFoundError(
-            f"model {source!r} not found: not a built-in name ({', '.join(builtins)}), "
+            f"model {source!r} not found: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
             "not a local diffusers directory, not a hub id (org/name)"
         )
     adapter_for(pipe)  # refuse unsupported families early, with the list of supported ones
     if pipe.transformer.dtype != dtype:  # a no-op cast still warns on Wan's fp32-kept modules
         pipe.to(dtype=dtype)
     pipe.to(device)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=not progress)
+    prepare(pipe, progress=progress)
+    with_defaults(pipe, defaults)
     pipe.accel_source = source
-    pipe.accel_defaults = defaults
     pipe.accel_attention_backend = choose_attention_backend(pipe.transformer, attention_backend, device)
     if prune_plan is not None:
         from accel.pruning.plan import prune_pipeline
@@ -192,8 +157,6 @@ def load_pipeline(
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool):
-    from diffusers import DiffusionPipeline
-
     if local and not (Path(source) / "model_index.json").is_file():
         raise ModelNotFoundError(f"model {source!r}: directory has no model_index.json (not a diffusers pipeline)")
     try:
@@ -206,33 +169,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, *, local: bool):
     return pipe
 
 
-def own_memory(pipe) -> None:
-    """Copy memory-mapped weights into fresh, aligned memory.
-
-    safetensors files are mapped with 8-byte alignment; on CPU, MKL rounds some single-row matmuls differently on
-    weights that are not 16-byte aligned, so without the copy a reloaded pipeline can differ from the one saved in
-    the last bit, depending on the file's header length.
-    """
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            for tensor in [*component.parameters(), *component.buffers()]:
-                tensor.data = tensor.data.clone()
-
-
-def _read_defaults(path: Path) -> ModelDefaults:
-    file = path / DEFAULTS_FILE
-    if not file.is_file():
-        return ModelDefaults()
-    return ModelDefaults(**json.loads(file.read_text()))
-
-
 def make_model(name: str, directory: str | Path, *, seed: int = 0) -> Path:
-    """Write a built-in model as a standard diffusers directory (plus our defaults file)."""
-    builtins = builtin_models()
-    if name not in builtins:
-        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-ins: {', '.join(builtins)}")
+    """Write a built-in model as a standard diffusers directory, plus its defaults (`DEFAULTS_FILE`)."""
     directory = Path(directory)
-    pipe = _build_builtin(name, seed=seed)
-    pipe.save_pretrained(directory)
-    (directory / DEFAULTS_FILE).write_text(json.dumps(asdict(defaults_of(builtins[name])), indent=2))
+    with_defaults(build_pipeline(name, seed=seed), BUILTIN_MODELS[name].defaults()).save_pretrained(directory)
     return directory

@@ -15,17 +15,17 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from accel.refmodel.evaluate import evaluate, generate_images
-from accel.refmodel.model import (
+from accel.eval.shapes_captions import ALL_TRIPLES, make_caption
+from accel.models.registry import TRAINED_MODELS as REFMODELS
+from accel.models.shapes_flux import (
     MAX_SEQUENCE_LENGTH,
-    REFMODELS,
     VOCABULARY,
     WEIGHTS_DIR,
     ShapesFluxWeightsMissing,
     build_untrained,
     load_shapes_flux,
 )
-from accel.refmodel.shapes import ALL_TRIPLES, make_caption
+from tools.refmodel.evaluate import evaluate, generate_images
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_loads_offline_and_is_deterministic(shapes_flux):
 
 
 def test_missing_weights_error(tmp_path):
-    with pytest.raises(ShapesFluxWeightsMissing, match="accel.refmodel.train"):
+    with pytest.raises(ShapesFluxWeightsMissing, match="tools.refmodel.train"):
         load_shapes_flux(weights_dir=tmp_path / "nope")
 
 
@@ -96,7 +96,7 @@ def test_untrained_architecture_generates_at_128():
 
 @pytest.mark.slow
 def test_training_smoke_and_resume(tmp_path):
-    from accel.refmodel.train import main
+    from tools.refmodel.train import main
 
     common = ["--batch-size", "4", "--vae-batch-size", "4", "--pool-size", "32", "--vae-stat-images", "8",
               "--ckpt-every", "2", "--device", "cpu"]

@@ -14,21 +14,23 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from accel.refmodel.scorer import detect_blobs, score, score_blobs, score_many
-from accel.refmodel.shapes import (
+from accel.eval.shapes_captions import (
     ALL_TRIPLES,
     COLORS,
     HELDOUT_TRIPLES,
-    POSITION_REGIONS,
     POSITIONS,
     SHAPES,
     TRAIN_TRIPLES,
+    make_caption,
+    parse_caption,
+)
+from accel.eval.shapes_scorer import detect_blobs, score, score_blobs, score_many
+from tools.refmodel.data import (
+    POSITION_REGIONS,
     Scene,
     ShapesDataset,
     ShapeSpec,
     heldout_captions,
-    make_caption,
-    parse_caption,
     render,
     sample_scene,
 )

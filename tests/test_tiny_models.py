@@ -6,8 +6,9 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from accel.loading import own_memory
-from accel.testing.tiny import BUILTIN_MODELS, BuiltinModel, build_pipeline
+from accel.models.pipelines import own_memory
+from accel.models.registry import RANDOM_MODELS as BUILTIN_MODELS
+from accel.models.registry import BuiltinModel, build_pipeline
 from helpers import CFG
 from helpers import SMALL as HELPER_SMALL
 
@@ -37,7 +38,7 @@ def run(pipe, name, prompt="a red circle on the left", **overrides):
 
 
 def realign(pipe):
-    """The reloaded pipeline with its weights copied into aligned memory (why: `accel.loading.own_memory`)."""
+    """The reloaded pipeline with its weights copied into aligned memory (why: `accel.models.pipelines.own_memory`)."""
     own_memory(pipe)
     return pipe
 

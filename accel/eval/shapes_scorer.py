@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from .shapes import COLORS, parse_caption
+from accel.eval.shapes_captions import COLORS, parse_caption
 
 __all__ = [
     "Blob",

@@ -1,6 +1,6 @@
 """Train shapes-flux from scratch: the VAE first, then the FLUX transformer with flow matching.
 
-    python -m accel.refmodel.train --stage vae|transformer|all --out DIR [--steps N] [--resume]
+    python -m tools.refmodel.train --stage vae|transformer|all --out DIR [--steps N] [--resume]
         [--device auto|cpu|cuda] [--batch-size B] [--vae-steps N] [--transformer-steps N] ...
 
 Layout of DIR:
@@ -34,6 +34,7 @@ must come from T5's outputs, which a random frozen T5 does not provide.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -45,10 +46,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from tqdm.auto import tqdm
 
-from .model import MAX_SEQUENCE_LENGTH, build_untrained, build_vae
-from .shapes import ShapesDataset
+from accel.models.shapes_flux import MAX_SEQUENCE_LENGTH, build_untrained, build_vae
+from tools.refmodel.data import ShapesDataset
+from tools.refmodel.evaluate import evaluate
 
 __all__ = ["train_vae", "build_pool", "train_transformer", "main"]
 
@@ -231,8 +235,6 @@ def build_pool(pipe: Any, args: argparse.Namespace, out: Path, device: torch.dev
 
 def _sigma_sampler(pipe: Any, image_seq_len: int):
     """u ~ U(0, 1] -> the noise level FluxPipeline's shifted schedule puts at u."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     cfg = pipe.scheduler.config
     mu = calculate_shift(
         image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
@@ -246,8 +248,6 @@ def _sigma_sampler(pipe: Any, image_seq_len: int):
 
 
 def train_transformer(args: argparse.Namespace, out: Path, device: torch.device) -> Path:
-    from diffusers import AutoencoderKL
-
     vae_dir = Path(args.vae) if args.vae else out / "vae"
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"no trained VAE in {vae_dir}: run --stage vae first (or pass --vae DIR)")
@@ -364,8 +364,6 @@ def train_transformer(args: argparse.Namespace, out: Path, device: torch.device)
 def _ema_pipe(pipe: Any, ema: list[torch.Tensor]) -> Any:
     """A CPU copy of ``pipe`` in eval mode whose transformer (and T5 encoder, when it was trained) hold the EMA
     weights; ``pipe`` itself is left as it is."""
-    import copy
-
     ema_pipe = copy.copy(pipe)  # shallow: shares the frozen components
     modules = [("transformer", pipe.transformer)]
     if len(ema) > len(list(pipe.transformer.parameters())):
@@ -383,8 +381,6 @@ def _ema_pipe(pipe: Any, ema: list[torch.Tensor]) -> Any:
 
 
 def _eval(pipe: Any, ema: list[torch.Tensor], args: argparse.Namespace, out: Path, step: int) -> None:
-    from .evaluate import evaluate
-
     results = evaluate(_ema_pipe(pipe, ema), args.eval_n, steps=28, n_double=args.eval_n, n_train=0, verbose=False)
     msg = {k: round(v["all_correct"], 3) for k, v in results.items()}
     tqdm.write(f"step {step}: adherence (EMA, 28 steps, n={args.eval_n}) {msg}")

@@ -1,6 +1,6 @@
 """Prompt adherence of a shapes model: generate from held-out and training captions, score with the exact scorer.
 
-    python -m accel.refmodel.evaluate [--model DIR] [--steps 28] [--n 64] [--grid docs/refmodel_grid.png]
+    python -m tools.refmodel.evaluate [--model DIR] [--steps 28] [--n 64] [--grid docs/refmodel_grid.png]
 
 Three caption sets (each image gets its own seed, ``seed + i``, so results do not depend on the batch size):
 
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .scorer import score_many
-from .shapes import ShapesDataset, heldout_captions
+from accel.eval.shapes_scorer import score, score_many
+from accel.models.shapes_flux import MAX_SEQUENCE_LENGTH, load_shapes_flux
+from tools.refmodel.data import ShapesDataset, heldout_captions
 
 __all__ = ["caption_sets", "generate_images", "evaluate", "write_grid", "main"]
 
@@ -57,8 +58,6 @@ def generate_images(
     **kwargs: Any,
 ) -> list[np.ndarray]:
     """uint8 HxWx3 images for ``captions``; image i uses ``torch.Generator().manual_seed(seed + i)``."""
-    from .model import MAX_SEQUENCE_LENGTH
-
     kwargs.setdefault("max_sequence_length", MAX_SEQUENCE_LENGTH)
     out: list[np.ndarray] = []
     for start in range(0, len(captions), batch_size):
@@ -115,8 +114,6 @@ def write_grid(
     images: Sequence[np.ndarray], captions: Sequence[str], path: str | Path, cols: int = 4, text_height: int = 40
 ) -> Path:
     """A grid PNG, each image with its caption (wrapped) underneath."""
-    from .scorer import score
-
     if not images:
         raise ValueError("no images")
     h, w = images[0].shape[:2]
@@ -161,8 +158,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from .model import load_shapes_flux
 
     pipe = load_shapes_flux(weights_dir=args.model)
     results = evaluate(

@@ -1,14 +1,8 @@
-"""Procedural "coloured shapes" text-to-image dataset.
+"""Procedural "coloured shapes" images: the training data of shapes-flux.
 
-Why this exists: a small FLUX-architecture model trained on this data gives
-accelerator quality numbers that mean something (a scorer with no learned
-network, ``accel.refmodel.scorer``, can check prompt adherence exactly).
-
-Scenes are one or two axis-aligned shapes on a white background, described by
-captions from a tiny grammar::
-
-    a {color} {shape} {position}
-    a {color} {shape} {position} and a {color} {shape} {position}
+Scenes are one or two axis-aligned shapes on a white background, captioned in the grammar of
+``accel.eval.shapes_captions`` (which ``accel bench`` also uses to score adherence with
+``accel.eval.shapes_scorer``). This renderer and dataset are training tooling, not part of the library.
 
 Geometry is resolution independent: ``cx``, ``cy`` (shape centre, which is the
 centre of its bounding box) and ``radius`` (half the side of its bounding
@@ -17,34 +11,33 @@ fills the square box ``[cx - r, cx + r] x [cy - r, cy + r]``: a circle of
 radius ``r``, a square of side ``2r``, or an upward triangle with base ``2r``
 and height ``2r``.
 
-Some (color, shape, position) triples (``HELDOUT_TRIPLES``) never appear in
-the training split, so a trained model can be tested on compositions it has
-not seen.
+Training scenes use ``TRAIN_TRIPLES`` only; ``heldout_scenes`` build evaluation scenes on ``HELDOUT_TRIPLES``.
 """
 
 from __future__ import annotations
 
-import itertools
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from accel.eval.shapes_captions import (
+    ALL_TRIPLES,
+    COLORS,
+    HELDOUT_TRIPLES,
+    TRAIN_TRIPLES,
+    Triple,
+    check_triple,
+    make_caption,
+)
+
 __all__ = [
-    "COLORS",
-    "SHAPES",
-    "POSITIONS",
-    "ALL_TRIPLES",
-    "HELDOUT_TRIPLES",
-    "TRAIN_TRIPLES",
+    "BACKGROUND",
     "POSITION_REGIONS",
     "RADIUS_RANGE",
     "ShapeSpec",
     "Scene",
-    "parse_caption",
-    "make_caption",
     "render",
     "sample_scene",
     "scene_from_triples",
@@ -53,39 +46,7 @@ __all__ = [
     "ShapesDataset",
 ]
 
-# Saturated colours with well separated hues (red 0 deg, yellow ~52, green
-# ~128, blue ~228) so a hue test tells them apart even after colour drift.
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 30, 30),
-    "green": (25, 170, 45),
-    "blue": (30, 70, 225),
-    "yellow": (245, 215, 25),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-POSITIONS: tuple[str, ...] = ("on the left", "on the right", "at the top", "at the bottom", "in the center")
 BACKGROUND = (255, 255, 255)
-
-Triple = tuple[str, str, str]  # (color, shape, position)
-
-ALL_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLORS, SHAPES, POSITIONS))
-
-# 9 of the 60 triples (15%), hand-picked so that each is a *new composition*
-# of familiar parts: every colour (2-3x), shape (3x) and position (1-2x) is
-# held out only a few times, and no (colour, shape), (colour, position) or
-# (shape, position) pair is held out twice -- so each pair of attributes in a
-# held-out triple is still seen together in training.
-HELDOUT_TRIPLES: tuple[Triple, ...] = (
-    ("red", "circle", "on the left"),
-    ("green", "circle", "at the top"),
-    ("blue", "circle", "in the center"),
-    ("green", "square", "on the right"),
-    ("blue", "square", "at the bottom"),
-    ("yellow", "square", "at the top"),
-    ("blue", "triangle", "on the left"),
-    ("red", "triangle", "on the right"),
-    ("yellow", "triangle", "at the bottom"),
-)
-TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in ALL_TRIPLES if t not in HELDOUT_TRIPLES)
 
 # Where a shape's centre is drawn, as (x range, y range) in fractions of the
 # side.  Side regions stay near the middle of the other axis, so positions are
@@ -103,10 +64,6 @@ RADIUS_RANGE = (0.12, 0.22)  # half bounding-box side, fraction of the image sid
 _MARGIN = 0.02  # min distance of a shape's box from the canvas edge
 _GAP = 0.06  # min gap between the boxes of two shapes (keeps blobs separate)
 _SUPERSAMPLE = 4
-
-_WORD = {"colors": "|".join(COLORS), "shapes": "|".join(SHAPES), "positions": "|".join(POSITIONS)}
-_PART_RE = rf"a ({_WORD['colors']}) ({_WORD['shapes']}) ({_WORD['positions']})"
-_CAPTION_RE = re.compile(rf"{_PART_RE}(?: and {_PART_RE})?")
 
 
 @dataclass(frozen=True)
@@ -146,43 +103,6 @@ class Scene:
     @property
     def triples(self) -> list[Triple]:
         return [s.triple for s in self.shapes]
-
-
-def make_caption(triples: Sequence[Triple]) -> str:
-    """Caption for one or two (color, shape, position) triples."""
-    if not 1 <= len(triples) <= 2:
-        raise ValueError(f"captions mention one or two shapes, got {len(triples)}")
-    for t in triples:
-        _check_triple(t)
-    return " and ".join(f"a {c} {s} {p}" for c, s, p in triples)
-
-
-def parse_caption(caption: str) -> list[Triple]:
-    """Inverse of :func:`make_caption`.
-
-    Case, surrounding/duplicate whitespace and one trailing full stop are
-    tolerated (prompts typed by hand); anything else outside the grammar
-    raises ValueError.  The grammar does not forbid two shapes at the same
-    position -- the dataset never produces that, but the scorer can still
-    judge such a prompt.
-    """
-    if not isinstance(caption, str):
-        raise ValueError(f"caption must be a string, got {type(caption).__name__}")
-    text = " ".join(caption.lower().split()).removesuffix(".").rstrip()
-    m = _CAPTION_RE.fullmatch(text)
-    if m is None:
-        raise ValueError(f"caption outside the shapes grammar: {caption!r}")
-    g = m.groups()
-    parts = [tuple(g[0:3])]
-    if g[3] is not None:
-        parts.append(tuple(g[3:6]))
-    return parts  # type: ignore[return-value]
-
-
-def _check_triple(t: Triple) -> None:
-    c, s, p = t
-    if c not in COLORS or s not in SHAPES or p not in POSITIONS:
-        raise ValueError(f"unknown (color, shape, position): {t!r}")
 
 
 # ---------------------------------------------------------------- rendering
@@ -246,7 +166,7 @@ def scene_from_triples(rng: np.random.Generator, triples: Sequence[Triple]) -> S
     if not 1 <= len(triples) <= 2:
         raise ValueError("a scene has one or two shapes")
     for t in triples:
-        _check_triple(t)
+        check_triple(t)
     positions = [t[2] for t in triples]
     if len(set(positions)) != len(positions):
         raise ValueError(f"shapes must be at different positions: {triples!r}")

@@ -3,8 +3,8 @@
 Why: accelerator fidelity and prompt-adherence numbers only mean something on a model that actually follows its
 prompts. ``shapes-flux`` is a real `FluxPipeline` (dual- and single-stream `FluxTransformer2DModel`, `AutoencoderKL`,
 CLIP + T5 text encoders, FLUX's scheduler with dynamic shifting) trained from scratch here
-(``python -m accel.refmodel.train``, see ``docs/refmodel.md``) on ``accel.refmodel.shapes``; its outputs are checked
-exactly by ``accel.refmodel.scorer``.
+(``python -m tools.refmodel.train``, see ``docs/refmodel.md``) on scenes of the caption grammar in
+``accel.eval.shapes_captions``; its outputs are checked exactly by ``accel.eval.shapes_scorer``.
 
 Architecture (``build_untrained``):
 
@@ -21,36 +21,29 @@ Architecture (``build_untrained``):
 - scheduler: FLUX.1's (dynamic shifting, base/max shift 0.5/1.15).
 
 Generation sizes must be multiples of 32 (the VAE's factor 16 times FLUX's 2x2 packing); the model was trained at
-128x128 only.
+128x128 only, with T5 prompts padded to ``MAX_SEQUENCE_LENGTH`` tokens. `load_shapes_flux` returns the plain
+diffusers pipeline; as a built-in (`accel.load_pipeline("shapes-flux")`) its call defaults are the model's
+(`accel.models.pipelines.with_defaults`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
-from accel.loading import own_memory
-from accel.refmodel.shapes import COLORS, POSITIONS, SHAPES
-from accel.testing.tiny import (
-    BuiltinModel,
-    _build,
-    _clip_config,
-    _flux_scheduler,
-    _t5_kwargs,
-    clip_tokenizer,
-    image_vae,
-    t5_tokenizer,
-)
+from accel.eval.shapes_captions import COLORS, POSITIONS, SHAPES
+from accel.models.components import flux_scheduler, flux_text_encoders, flux_transformer, image_vae
+from accel.models.pipelines import own_memory, prepare
 
 __all__ = [
-    "WEIGHTS_DIR",
     "MAX_SEQUENCE_LENGTH",
-    "REFMODELS",
+    "VOCABULARY",
+    "WEIGHTS_DIR",
     "ShapesFluxWeightsMissing",
+    "build_transformer",
     "build_untrained",
+    "build_vae",
     "load_shapes_flux",
 ]
 
@@ -66,7 +59,6 @@ VOCABULARY: tuple[str, ...] = ("a", "and", *COLORS, *SHAPES, *(w for p in POSITI
 CLIP_HIDDEN = 64
 T5_DIM = 64
 VAE_CHANNELS = (16, 32, 64, 64, 64)
-LATENT_CHANNELS = 16  # fixed in accel.testing.tiny.image_vae
 
 
 class ShapesFluxWeightsMissing(FileNotFoundError):
@@ -81,42 +73,21 @@ def build_vae(seed: int = 0, scaling_factor: float = 1.0, shift_factor: float = 
 
 def build_transformer(seed: int = 0) -> FluxTransformer2DModel:
     """The untrained shapes-flux transformer: 3 dual + 6 single blocks, 6 heads of 32."""
-    return _build(
-        seed,
-        "transformer",
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4 * LATENT_CHANNELS,  # 16 latent channels packed 2x2
-            num_layers=3,
-            num_single_layers=6,
-            attention_head_dim=32,
-            num_attention_heads=6,
-            joint_attention_dim=T5_DIM,
-            pooled_projection_dim=CLIP_HIDDEN,  # FluxPipeline pools CLIPTextModel's pooler_output (hidden size)
-            guidance_embeds=False,
-            axes_dims_rope=(8, 12, 12),
-        ),
-    )
+    return flux_transformer(seed, dual=3, single=6, heads=6, head_dim=32, text_dim=T5_DIM, pooled_dim=CLIP_HIDDEN,
+                            guidance_embeds=False, axes_dims_rope=(8, 12, 12))
 
 
 def build_untrained(seed: int = 0, vae: AutoencoderKL | None = None) -> FluxPipeline:
     """The shapes-flux architecture with random weights (text encoders frozen, everything in eval mode; training
     unfreezes T5 with ``--train-text-encoder``)."""
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer(words=VOCABULARY)
-    text_encoder = _build(
-        seed, "text_encoder", lambda: CLIPTextModel(_clip_config(tokenizer, CLIP_HIDDEN, CLIP_HIDDEN))
-    )
-    text_encoder_2 = _build(seed, "text_encoder_2", lambda: T5EncoderModel(T5Config(**_t5_kwargs(tokenizer_2, T5_DIM))))
-    for encoder in (text_encoder, text_encoder_2):
+    encoders = flux_text_encoders(seed, CLIP_HIDDEN, T5_DIM, words=VOCABULARY)
+    for encoder in (encoders["text_encoder"], encoders["text_encoder_2"]):
         encoder.requires_grad_(False)
     pipe = FluxPipeline(
-        scheduler=_flux_scheduler(),
+        scheduler=flux_scheduler(),
         vae=vae if vae is not None else build_vae(seed),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
         transformer=build_transformer(seed),
+        **encoders,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -132,33 +103,9 @@ def load_shapes_flux(seed: int = 0, weights_dir: str | Path | None = None) -> Fl
     if not (path / "model_index.json").is_file():
         raise ShapesFluxWeightsMissing(
             f"shapes-flux weights not found in {path} (expected a diffusers directory with model_index.json); "
-            "train them with `python -m accel.refmodel.train --stage all --out DIR` (see docs/refmodel.md) "
-            "and copy DIR there"
+            "train them from a checkout of the repository with `python -m tools.refmodel.train --stage all --out DIR` "
+            "(see docs/refmodel.md) and copy DIR there"
         )
     pipe = FluxPipeline.from_pretrained(path, local_files_only=True)
     own_memory(pipe)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            component.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-REFMODELS: dict[str, BuiltinModel] = {
-    "shapes-flux": BuiltinModel(
-        name="shapes-flux",
-        task="text-to-image",
-        family="flux",
-        description=(
-            "FLUX (3 dual + 6 single blocks, 6x32 heads, 7.6M params) trained here on coloured shapes; "
-            "prompts like 'a red circle on the left and a blue square at the top', scored by accel.refmodel.scorer"
-        ),
-        default_height=128,
-        default_width=128,
-        default_steps=28,
-        default_frames=None,
-        default_guidance=1.0,  # no guidance embedding: FluxPipeline ignores guidance_scale for this model
-        builder=load_shapes_flux,
-        pipeline_kwargs={"max_sequence_length": MAX_SEQUENCE_LENGTH},
-    ),
-}
+    return prepare(pipe)

@@ -1,0 +1,157 @@
+"""The built-in models: name -> what it is, its generation defaults, and the function that builds it.
+
+`accel.loading` looks built-in names up here; the model modules only build pipelines and never import this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from diffusers import DiffusionPipeline
+
+from accel.errors import ModelNotFoundError
+from accel.models.pipelines import ModelDefaults, prepare
+from accel.models.shapes_flux import MAX_SEQUENCE_LENGTH, load_shapes_flux
+from accel.models.tiny import build_bench_flux, build_tiny_flux, build_tiny_sd3, build_tiny_wan
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "DEFAULT_MODEL",
+    "RANDOM_MODELS",
+    "TRAINED_MODELS",
+    "BuiltinModel",
+    "build_pipeline",
+    "builtin_models",
+]
+
+DEFAULT_MODEL = "shapes-flux"  # the embedded default of the CLI and the server: trained here, no download
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: what it is, its generation defaults, and the function that builds it.
+
+    `pipeline_kwargs` are extra pipeline-call arguments the model wants by default (e.g. `max_sequence_length`);
+    `default_fps` is the frame rate for writing videos (None for images).
+    """
+
+    name: str
+    task: Literal["text-to-image", "text-to-video"]
+    family: Literal["flux", "wan", "sd3"]
+    description: str
+    default_height: int
+    default_width: int
+    default_steps: int
+    default_frames: int | None
+    default_guidance: float
+    builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
+    default_fps: int | None = None
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def defaults(self) -> ModelDefaults:
+        """The record's defaults as the `ModelDefaults` that loading attaches to the pipeline."""
+        return ModelDefaults(
+            height=self.default_height,
+            width=self.default_width,
+            num_inference_steps=self.default_steps,
+            guidance_scale=self.default_guidance,
+            num_frames=self.default_frames,
+            fps=self.default_fps or (8 if self.default_frames else None),
+            extra=dict(self.pipeline_kwargs),
+        )
+
+
+def _records(*models: BuiltinModel) -> dict[str, BuiltinModel]:
+    return {model.name: model for model in models}
+
+
+# trained here: weights in the package (accel/models/weights)
+TRAINED_MODELS = _records(
+    BuiltinModel(
+        name="shapes-flux",
+        task="text-to-image",
+        family="flux",
+        description=(
+            "FLUX (3 dual + 6 single blocks, 6x32 heads, 7.6M params) trained here on coloured shapes; "
+            "prompts like 'a red circle on the left and a blue square at the top', scored by accel.eval.shapes_scorer"
+        ),
+        default_height=128,
+        default_width=128,
+        default_steps=28,
+        default_frames=None,
+        default_guidance=1.0,  # no guidance embedding: FluxPipeline ignores guidance_scale for this model
+        builder=load_shapes_flux,
+        pipeline_kwargs={"max_sequence_length": MAX_SEQUENCE_LENGTH},
+    ),
+)
+
+# random weights, built from configs (accel.models.tiny)
+RANDOM_MODELS = _records(
+    BuiltinModel(
+        name="tiny-flux",
+        task="text-to-image",
+        family="flux",
+        description="random FLUX (2 dual + 2 single blocks, 4x16 heads), for tests and fidelity checks",
+        default_height=128,
+        default_width=128,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=3.5,
+        builder=build_tiny_flux,
+    ),
+    BuiltinModel(
+        name="tiny-wan",
+        task="text-to-video",
+        family="wan",
+        description="random Wan 2.1 text-to-video (2 blocks, 2x16 heads), for tests and fidelity checks",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=5,
+        default_guidance=5.0,
+        builder=build_tiny_wan,
+        default_fps=8,
+    ),
+    BuiltinModel(
+        name="tiny-sd3",
+        task="text-to-image",
+        family="sd3",
+        description="random SD3 MMDiT (2 blocks, 4x16 heads), for tests and fidelity checks",
+        default_height=128,
+        default_width=128,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=5.0,
+        builder=build_tiny_sd3,
+    ),
+    BuiltinModel(
+        name="bench-flux",
+        task="text-to-image",
+        family="flux",
+        description="random FLUX (4 dual + 8 single blocks, 6x64 heads), for CPU speed measurements",
+        default_height=512,
+        default_width=512,
+        default_steps=20,
+        default_frames=None,
+        default_guidance=3.5,
+        builder=build_bench_flux,
+        # FLUX.1 at 1024 px has 4096 image and 512 text tokens; keep that 8:1 ratio at 1024 image tokens
+        pipeline_kwargs={"max_sequence_length": 128},
+    ),
+)
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {**TRAINED_MODELS, **RANDOM_MODELS}
+
+
+def builtin_models() -> dict[str, BuiltinModel]:
+    """Built-in model names -> their records, the default model first."""
+    return dict(BUILTIN_MODELS)
+
+
+def build_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
+    """The plain diffusers pipeline of built-in `name` (fp32, CPU, eval mode, progress bar off); same name and
+    seed, same weights. `accel.load_pipeline(name)` gives it the model's call defaults as well."""
+    if name not in BUILTIN_MODELS:
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    return prepare(BUILTIN_MODELS[name].builder(seed))

@@ -1,0 +1,167 @@
+"""Built-in pipelines with random weights, assembled offline from config objects (`accel.models.components`).
+
+- ``tiny-flux``, ``tiny-wan``, ``tiny-sd3``: the smallest models that still exercise every code path of their family
+  (dual + single stream blocks, CFG layouts, VAE decoding, both text encoders). For tests and for checking fidelity
+  (an accelerated output against the plain output of the same seed); far too small to time.
+- ``bench-flux``: a FLUX-architecture model large enough that the transformer, not Python overhead, dominates a
+  call: for speed ratios on CPU.
+
+Everything is deterministic: same seed, same weights (see `seeded_module`). A saved pipeline reloads with
+`DiffusionPipeline.from_pretrained(dir, local_files_only=True)` with identical weights, configs and tokenization.
+Bit-identical output after a reload needs `accel.models.pipelines.own_memory` (why: there).
+
+Their names, descriptions and generation defaults are in `accel.models.registry`.
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import CLIPTextModelWithProjection, UMT5EncoderModel
+
+from accel.models.components import (
+    LATENT_CHANNELS,
+    clip_encoder,
+    clip_tokenizer,
+    flux_scheduler,
+    flux_text_encoders,
+    flux_transformer,
+    image_vae,
+    seeded_module,
+    t5_encoder,
+    t5_tokenizer,
+)
+
+__all__ = ["build_bench_flux", "build_tiny_flux", "build_tiny_sd3", "build_tiny_wan"]
+
+
+def _flux_pipeline(
+    seed: int, *, heads: int, head_dim: int, dual: int, single: int, axes_dims_rope: tuple[int, int, int]
+) -> FluxPipeline:
+    """A FluxPipeline around a random `FluxTransformer2DModel` with tiny CLIP + T5 encoders and a tiny VAE.
+
+    `guidance_embeds=True`, as in FLUX.1-dev (guidance-distilled): `guidance_scale` feeds the guidance embedding and
+    costs nothing extra, while real CFG (`true_cfg_scale` > 1 with a `negative_prompt`) runs a second, "uncond",
+    transformer pass per step.
+    """
+    clip_hidden, t5_dim = 32, 32
+    transformer = flux_transformer(
+        seed, dual=dual, single=single, heads=heads, head_dim=head_dim, text_dim=t5_dim, pooled_dim=clip_hidden,
+        guidance_embeds=True, axes_dims_rope=axes_dims_rope,
+    )
+    return FluxPipeline(
+        scheduler=flux_scheduler(),
+        vae=image_vae(seed, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1's VAE factors
+        transformer=transformer,
+        **flux_text_encoders(seed, clip_hidden, t5_dim),
+    )
+
+
+def build_tiny_flux(seed: int = 0) -> FluxPipeline:
+    """FLUX, 2 dual-stream + 2 single-stream blocks, 4 heads of 16 (inner dim 64)."""
+    return _flux_pipeline(seed, heads=4, head_dim=16, dual=2, single=2, axes_dims_rope=(4, 6, 6))
+
+
+def build_bench_flux(seed: int = 0) -> FluxPipeline:
+    """FLUX, 4 dual + 8 single blocks, 6 heads of 64 (inner dim 384, about 40M transformer parameters).
+
+    Text encoders and VAE stay tiny, so at 512x512 (1024 image tokens) the transformer dominates the run time.
+    """
+    return _flux_pipeline(seed, heads=6, head_dim=64, dual=4, single=8, axes_dims_rope=(8, 28, 28))
+
+
+def build_tiny_wan(seed: int = 0) -> WanPipeline:
+    """Wan 2.1 text-to-video: 2 blocks, 2 heads of 16, UMT5 text encoder, causal 3D VAE (8x spatial, 4x temporal).
+
+    The scheduler is the one the released Wan 2.1 checkpoints ship (UniPC with flow sigmas, flow_shift 3.0);
+    WanPipeline runs CFG as separate "cond" and "uncond" transformer passes when guidance_scale > 1.
+    """
+    tokenizer = t5_tokenizer()
+    text_dim = 32
+    text_encoder = t5_encoder(seed, "text_encoder", tokenizer, text_dim, model_class=UMT5EncoderModel)
+    vae = seeded_module(
+        seed,
+        "vae",
+        lambda: AutoencoderKLWan(
+            base_dim=8,
+            z_dim=LATENT_CHANNELS,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+        ),
+    )
+    transformer = seeded_module(
+        seed,
+        "transformer",
+        lambda: WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS,
+            text_dim=text_dim,
+            freq_dim=64,
+            ffn_dim=64,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=1024,
+        ),
+    )
+    scheduler = UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        solver_order=2,
+        lower_order_final=True,
+    )
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+    )
+
+
+def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """SD3 (MMDiT): 2 joint blocks, 4 heads of 16, patch 2; two CLIP encoders with projection + T5.
+
+    SD3 concatenates the two CLIP hidden states along features (32 + 32 = T5's width 64) and the pooled
+    projections (32 + 32 = pooled dim 64); it runs CFG as one transformer pass on cat([uncond, cond]).
+    """
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    clip_hidden, t5_dim = 32, 64
+    transformer = seeded_module(
+        seed,
+        "transformer",
+        lambda: SD3Transformer2DModel(
+            sample_size=16,  # latent size: the pipeline's default image is 16 * 8 = 128 px
+            patch_size=2,
+            in_channels=LATENT_CHANNELS,
+            out_channels=LATENT_CHANNELS,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=4,
+            joint_attention_dim=t5_dim,
+            caption_projection_dim=64,
+            pooled_projection_dim=2 * clip_hidden,
+            pos_embed_max_size=64,  # latent grid up to 64 patches a side: images up to 1024 px
+        ),
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # SD3 medium's
+        vae=image_vae(seed, scaling_factor=1.5305, shift_factor=0.0609),  # SD3's VAE factors
+        text_encoder=clip_encoder(seed, "text_encoder", tokenizer, clip_hidden, CLIPTextModelWithProjection),
+        tokenizer=tokenizer,
+        text_encoder_2=clip_encoder(seed, "text_encoder_2", tokenizer_2, clip_hidden, CLIPTextModelWithProjection),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=t5_encoder(seed, "text_encoder_3", tokenizer_3, t5_dim),
+        tokenizer_3=tokenizer_3,
+    )
