@@ -1,9 +1,12 @@
 """The accelerator interface: bit-identity when nothing is skipped, no state leaks, exact work counts."""
 
+import inspect
+
 import numpy as np
 import pytest
 
 from accel import SpecError, accelerate
+from accel.session import AccelSession
 from accel.spec import parse_spec
 from helpers import registries_empty, run
 
@@ -27,11 +30,13 @@ SKIPPING = {"tiny-flux": "fbcache:threshold=1.0", "tiny-wan": "fbcache:threshold
 def test_no_skip_specs_are_bit_identical_to_plain(load, name, cfg, batch):
     pipe = load(name)
     plain = run(pipe, name, cfg=cfg, batch=batch)
+    pipe_class = type(pipe)
     for spec in NO_SKIP_SPECS[name]:
         with accelerate(pipe, spec) as report:
             out = run(pipe, name, cfg=cfg, batch=batch)
         assert np.array_equal(plain, out), f"{name} {spec!r} differs from plain diffusers"
         assert registries_empty(pipe.transformer)
+        assert type(pipe) is pipe_class
         if spec:
             data = report.as_dict()
             assert data["block_fraction_computed"] == 1.0, (spec, data)
@@ -215,3 +220,23 @@ def test_shorthand_round_trips():
     config = parse_spec("taylorseer:cache_interval=3,max_order=2")[0]
     assert config.shorthand() == "taylorseer:cache_interval=3,max_order=2"
     assert parse_spec(config.shorthand()) == [config]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_session_records_the_running_call_with_its_defaults_and_restores_the_pipeline(load, name):
+    """Methods read the call's arguments (e.g. the CFG scale) from `session.call_kwargs`, recorded at call entry;
+    outside the call it is None, and the pipeline's class is its own again after the session."""
+    pipe = load(name)
+    pipe_class = type(pipe)
+    session = AccelSession(pipe, [])
+    seen = []
+    session.attach()
+    session.add_call_hook(lambda ctx, call: seen.append(dict(session.call_kwargs)) or call())
+    try:
+        assert type(pipe).__name__ == pipe_class.__name__ and isinstance(pipe, pipe_class)
+        run(pipe, name, cfg=True, num_inference_steps=2)
+    finally:
+        session.detach()
+    assert type(pipe) is pipe_class and session.call_kwargs is None
+    assert seen and set(seen[0]) == set(inspect.signature(pipe_class.__call__).parameters) - {"self"}
+    assert seen[0]["num_inference_steps"] == 2 and seen[0]["negative_prompt"] == "blurry"
