@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 from accel.errors import SpecError, UnsupportedModelError
 
@@ -32,6 +33,7 @@ class ModelAdapter:
     self_attention: attribute of a block's self-attention module (the one attention methods may change), or None
         where no attention method supports the family yet.
     text_first: whether text tokens lead that attention's sequence (FLUX's joint [text, image] attention).
+    mag_ratios: published per-step magnitude ratios of the family's reference checkpoint (MagCache's default).
     """
 
     family: str
@@ -43,6 +45,7 @@ class ModelAdapter:
     guidance: Literal["true_cfg", "cfg"] = "cfg"
     self_attention: str | None = None
     text_first: bool = False
+    mag_ratios: tuple[float, ...] | None = None
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
@@ -99,6 +102,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             guidance="true_cfg",
             self_attention="attn",  # joint [text, image] attention in dual and single blocks
             text_first=True,
+            mag_ratios=tuple(float(r) for r in FLUX_MAG_RATIOS),
         ),
         ModelAdapter(
             family="wan",

@@ -145,16 +145,12 @@ def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodH
 
 
 def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodHandle:
-    ratios = config.mag_ratios
+    ratios = config.mag_ratios if config.mag_ratios is not None else session.adapter.mag_ratios
     if ratios is None and not config.calibrate:
-        if session.adapter.family != "flux":
-            raise SpecError(
-                f"magcache.mag_ratios: required for the {session.adapter.family} family (or set calibrate=true)",
-                field="magcache.mag_ratios",
-            )
-        from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
-
-        ratios = FLUX_MAG_RATIOS
+        raise SpecError(
+            f"magcache.mag_ratios: required for the {session.adapter.family} family (or set calibrate=true)",
+            field="magcache.mag_ratios",
+        )
     steps = session.plan.num_steps if session.plan and session.plan.num_steps else 28
     return _enable(
         session,
