@@ -4,10 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
+from diffusers import DiffusionPipeline
 
 from accel import GenerationParamsError, ModelNotFoundError
 from accel.generate import GenerationParams, generate
 from accel.loading import DEFAULTS_FILE, load_pipeline, make_model
+from accel.models.registry import BUILTIN_MODELS
 from helpers import run
 
 
@@ -25,6 +28,50 @@ def test_make_model_writes_a_loadable_directory_with_defaults(load, tmp_path):
     again = load_pipeline(str(path))
     assert again.accel_defaults.num_inference_steps == defaults["num_inference_steps"]
     assert np.array_equal(run(load("tiny-sd3"), "tiny-sd3"), run(again, "tiny-sd3"))
+
+
+def plain_call(pipe, prompt="a red circle on the left", seed=0, **kwargs):
+    """The README's library call: diffusers' own defaults for every knob not given."""
+    out = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs)
+    return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3", "tiny-wan", "bench-flux"])
+def test_plain_call_gives_the_models_documented_size_and_text_length(load, name):
+    """diffusers' defaults alone would give 1024 px (tiny-flux, bench-flux), 480x832 px and 81 frames (tiny-wan)
+    and 512 T5 tokens; a built-in's plain call uses its model's (one step here, to keep it cheap)."""
+    pipe, record = load(name), BUILTIN_MODELS[name]
+    lengths = []  # of FLUX's T5 input
+    hooks = [pipe.text_encoder_2.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+             ] if record.family == "flux" else []
+    try:
+        out = plain_call(pipe, num_inference_steps=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    frames = (record.default_frames,) if record.default_frames else ()
+    assert out.shape == (1, *frames, record.default_height, record.default_width, 3)
+    if record.family == "flux":
+        assert lengths == [record.pipeline_kwargs.get("max_sequence_length", 512)]
+
+
+@pytest.mark.parametrize("name", ["shapes-flux", "tiny-flux", "tiny-sd3", "tiny-wan"])
+def test_generate_path_equals_the_plain_call(load, name):
+    """The project's generate path fills in the model's defaults; the plain call, with the same seed, now too."""
+    pipe = load(name)
+    result = generate(pipe, GenerationParams.parse(prompt="a red circle on the left", seed=3))
+    assert np.array_equal(result.videos if result.is_video else result.images, plain_call(pipe, seed=3))
+
+
+@pytest.mark.parametrize("name, diffusers_class", [("shapes-flux", "FluxPipeline"), ("tiny-wan", "WanPipeline")])
+def test_make_model_directory_reloads_bit_identical_under_a_plain_call(load, tmp_path, name, diffusers_class):
+    path = make_model(name, tmp_path / name)
+    assert json.loads((path / "model_index.json").read_text())["_class_name"] == diffusers_class
+    again = load_pipeline(str(path))
+    assert again.accel_defaults == load(name).accel_defaults
+    assert np.array_equal(plain_call(again), plain_call(load(name)))
+    # still a standard diffusers checkpoint: plain diffusers loads it, as its own class with its own defaults
+    assert type(DiffusionPipeline.from_pretrained(path, local_files_only=True)).__module__.startswith("diffusers.")
 
 
 def test_builtins_are_deterministic():

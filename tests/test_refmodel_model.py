@@ -16,6 +16,8 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from accel.eval.shapes_captions import ALL_TRIPLES, make_caption
+from accel.eval.shapes_scorer import score
+from accel.loading import load_pipeline
 from accel.models.registry import TRAINED_MODELS as REFMODELS
 from accel.models.shapes_flux import (
     MAX_SEQUENCE_LENGTH,
@@ -79,6 +81,20 @@ def test_loads_offline_and_is_deterministic(shapes_flux):
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_plain_diffusers_call_of_the_builtin_gives_the_documented_image():
+    """The README's library example: diffusers' call defaults alone (2048 px, 512 T5 tokens for this model) gave a
+    blank image; the built-in's plain call draws at 128x128 with 16 T5 tokens, as the model was trained."""
+    pipe = load_pipeline("shapes-flux")
+    lengths = []
+    hook = pipe.text_encoder_2.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        image = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0)).images[0]
+    finally:
+        hook.remove()
+    assert image.size == (128, 128) and lengths == [MAX_SEQUENCE_LENGTH]
+    assert score(image, "a red circle on the left").all_correct
 
 
 def test_missing_weights_error(tmp_path):
