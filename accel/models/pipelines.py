@@ -69,12 +69,8 @@ def with_defaults(pipe: Any, defaults: ModelDefaults) -> Any:
     docstring); `pipe.accel_defaults` is set. Empty defaults leave the pipeline's class as it is."""
     pipe.accel_defaults = defaults
     if defaults.call_kwargs():
-        pipe.__class__ = _with_defaults_class(_diffusers_class(type(pipe)))
+        pipe.__class__ = _with_defaults_class(type(pipe))
     return pipe
-
-
-def _diffusers_class(cls: type) -> type:
-    return cls.__bases__[0] if getattr(cls, "_fills_model_defaults", False) else cls
 
 
 @functools.cache
@@ -97,8 +93,8 @@ def _with_defaults_class(base: type) -> type:
     return type(
         base.__name__,
         (base,),
-        {"__call__": __call__, "save_pretrained": save_pretrained, "_fills_model_defaults": True,
-         "__module__": __name__, "__doc__": f"{base.__name__} whose call defaults are the model's."},
+        {"__call__": __call__, "save_pretrained": save_pretrained, "__module__": __name__,
+         "__doc__": f"{base.__name__} whose call defaults are the model's."},
     )
 
 
