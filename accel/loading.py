@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.models.attention_dispatch import AttentionBackendName
 
 from accel.adapters import adapter_for
 from accel.errors import AccelError, ModelNotFoundError
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
 from accel.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, build_pipeline, builtin_models
+from accel.pruning.plan import prune_pipeline
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -75,8 +78,6 @@ def choose_attention_backend(transformer: torch.nn.Module, requested: str | None
     """Set a usable attention backend; return its name. `None` keeps diffusers' default (torch SDPA, "native")."""
     if requested in (None, "native", "auto"):
         return "native"
-    from diffusers.models.attention_dispatch import AttentionBackendName
-
     known = [b.value for b in AttentionBackendName]
     if requested not in known:
         raise AccelError(f"attention_backend: unknown {requested!r}; known: {', '.join(known)}")
@@ -146,8 +147,6 @@ def load_pipeline(
     pipe.accel_source = source
     pipe.accel_attention_backend = choose_attention_backend(pipe.transformer, attention_backend, device)
     if prune_plan is not None:
-        from accel.pruning.plan import prune_pipeline
-
         prune_pipeline(pipe, prune_plan, prune_ratio)
     elif prune_ratio:
         raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
