@@ -33,6 +33,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager, _set_ca
 from accel.adapters import BlockIO, ModelAdapter, adapter_for
 from accel.base import Counters, Method, MethodConfig
 from accel.errors import SpecError
+from accel.models.pipelines import fill_model_defaults
 
 TRACKER_HOOK = "accel_step_tracker"
 COUNTER_HOOK = "accel_block_counter"
@@ -204,13 +205,15 @@ class StepTracker:
 
 
 def _recording_class(cls: type, session: "AccelSession") -> type:
-    """A subclass of the pipeline's class whose `__call__` records its arguments in `session.call_kwargs`
-    (with the pipeline's defaults filled in), then runs the original call."""
+    """A subclass of the pipeline's class whose `__call__` records its arguments in `session.call_kwargs` (the
+    values the pipeline will use: the model's defaults, then the pipeline's, for what the caller left out), then
+    runs the original call."""
     signature = inspect.signature(cls.__call__)
 
     @functools.wraps(cls.__call__)
     def __call__(pipe, *args, **kwargs):
-        bound = signature.bind(pipe, *args, **kwargs)
+        bound = signature.bind_partial(pipe, *args, **kwargs)
+        fill_model_defaults(pipe, bound)
         bound.apply_defaults()
         session.call_kwargs = {name: value for name, value in bound.arguments.items() if name != "self"}
         try:

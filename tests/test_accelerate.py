@@ -240,3 +240,21 @@ def test_session_records_the_running_call_with_its_defaults_and_restores_the_pip
     assert type(pipe) is pipe_class and session.call_kwargs is None
     assert seen and set(seen[0]) == set(inspect.signature(pipe_class.__call__).parameters) - {"self"}
     assert seen[0]["num_inference_steps"] == 2 and seen[0]["negative_prompt"] == "blurry"
+
+
+def test_recorded_call_arguments_are_the_ones_the_pipeline_uses(load):
+    """A knob the caller leaves out is recorded with the model's default (what the built-in's call uses), not
+    diffusers' family default: S² reads its CFG scale from here."""
+    pipe = load("tiny-wan")
+    defaults = pipe.accel_defaults
+    session = AccelSession(pipe, [])
+    seen = []
+    session.attach()
+    session.add_call_hook(lambda ctx, call: seen.append(dict(session.call_kwargs)) or call())
+    try:
+        pipe("a ball", num_inference_steps=1, output_type="np")
+    finally:
+        session.detach()
+    assert seen[0]["num_frames"] == defaults.num_frames and seen[0]["height"] == defaults.height
+    if defaults.guidance_scale is not None:
+        assert seen[0]["guidance_scale"] == defaults.guidance_scale

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULTS_FILE", "ModelDefaults", "own_memory", "prepare", "read_defaults", "with_defaults"]
+__all__ = ["DEFAULTS_FILE", "ModelDefaults", "fill_model_defaults", "own_memory", "prepare", "read_defaults",
+           "with_defaults"]
 
 DEFAULTS_FILE = "accel_defaults.json"  # a model's `ModelDefaults`, beside model_index.json
 
@@ -73,15 +74,24 @@ def with_defaults(pipe: Any, defaults: ModelDefaults) -> Any:
     return pipe
 
 
+def fill_model_defaults(pipe: Any, bound: inspect.BoundArguments) -> None:
+    """Fill every knob of a bound pipeline call that the caller left out (or passed as None) from the model's
+    defaults (`pipe.accel_defaults`, when it has them)."""
+    defaults = getattr(pipe, "accel_defaults", None)
+    if defaults is None:
+        return
+    for name, value in defaults.call_kwargs().items():
+        if name in bound.signature.parameters and bound.arguments.get(name) is None:
+            bound.arguments[name] = value
+
+
 @functools.cache
 def _with_defaults_class(base: type) -> type:
     signature = inspect.signature(base.__call__)
 
     def __call__(self, *args, **kwargs):
         bound = signature.bind_partial(self, *args, **kwargs)
-        for name, value in self.accel_defaults.call_kwargs().items():
-            if name in signature.parameters and bound.arguments.get(name) is None:
-                bound.arguments[name] = value
+        fill_model_defaults(self, bound)
         return base.__call__(*bound.args, **bound.kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
