@@ -10,11 +10,12 @@ never reach into `accel.adapters`.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -139,6 +140,7 @@ class GenerationResult:
     latents: torch.Tensor | None
     seconds: float
     report: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False  # stopped by `on_step`: nothing was decoded, images and videos are None
 
     @property
     def is_video(self) -> bool:
@@ -181,6 +183,35 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
     kwargs[per_prompt] = 1
     kwargs["generator"] = generators
     return kwargs
+
+
+class _Interrupted(Exception):
+    """Raised in place of the VAE decode of an interrupted call: nobody will read its output."""
+
+
+@contextlib.contextmanager
+def _no_decode_after_interrupt(pipe: Any) -> Iterator[None]:
+    """Diffusers pipelines still decode after `_interrupt` (the loop only skips its remaining steps); decoding a
+    video costs seconds, so an interrupted call stops at the decode instead and the device is free at once."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        yield
+        return
+    decode, own = vae.decode, vae.__dict__.get("decode")
+
+    def guarded(*args, **kwargs):
+        if pipe._interrupt:
+            raise _Interrupted
+        return decode(*args, **kwargs)
+
+    vae.decode = guarded
+    try:
+        yield
+    finally:
+        if own is None:
+            del vae.decode  # the instance attribute: the class's method shows through again
+        else:
+            vae.decode = own
 
 
 def generate(
@@ -226,11 +257,16 @@ def generate_batch(
     start = time.perf_counter()
     pipe._interrupt = False
     try:
-        with torch.inference_mode(), accelerate(pipe, spec, seed=batch[0].seed) as report:
+        with torch.inference_mode(), accelerate(pipe, spec, seed=batch[0].seed) as report, _no_decode_after_interrupt(pipe):
             output = pipe(**kwargs)
+    except _Interrupted:
+        output = None
     finally:
         pipe._interrupt = False
     seconds = time.perf_counter() - start
+    if output is None:
+        return [GenerationResult(None, None, captured.get("latents"), seconds, report.as_dict(), interrupted=True)
+                for _ in batch]
     video = model_info(pipe).task == "text-to-video"
     frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
     latents = captured.get("latents")

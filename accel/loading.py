@@ -21,7 +21,7 @@ from accel.adapters import adapter_for
 from accel.errors import AccelError, ModelNotFoundError
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
 from accel.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, build_pipeline, builtin_models
-from accel.pruning.plan import prune_pipeline
+from accel.pruning.plan import load_plans, prune_pipeline
 
 __all__ = [
     "DEFAULTS_FILE",
@@ -113,13 +113,15 @@ def load_pipeline(
     seed: int = 0,
     prune_plan: str | Path | None = None,
     prune_ratio: float = 0.0,
+    prune_plans: dict[str, str | Path] | None = None,
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
     The pipeline carries `pipe.accel_source` and `pipe.accel_defaults` (a `ModelDefaults`), which are also the
     defaults of its plain call. `prune_plan` (a plan file from `accel prune calibrate`) with `prune_ratio` removes
     that fraction of the transformer's blocks for good (before compilation); a plan calibrated on another model is
-    refused.
+    refused. `prune_plans` ({name: plan file}) are the plans per-call pruning may name (`prune:plan=<name>`),
+    checked against the (possibly pruned) model now.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -145,11 +147,12 @@ def load_pipeline(
     prepare(pipe, progress=progress)
     with_defaults(pipe, defaults)
     pipe.accel_source = source
-    pipe.accel_attention_backend = choose_attention_backend(pipe.transformer, attention_backend, device)
+    choose_attention_backend(pipe.transformer, attention_backend, device)
     if prune_plan is not None:
         prune_pipeline(pipe, prune_plan, prune_ratio)
     elif prune_ratio:
         raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
+    load_plans(pipe, prune_plans or {})
     if compile:
         compile_blocks(pipe)
     return pipe

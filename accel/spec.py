@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Collection, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -93,8 +93,9 @@ def parse_shorthand(text: str) -> dict[str, Any]:
     return spec
 
 
-def validate_one(item: Any) -> MethodConfig:
-    """One spec item (config, dict or shorthand without presets) -> validated config."""
+def validate_one(item: Any, context: dict[str, Any] | None = None) -> MethodConfig:
+    """One spec item (config, dict or shorthand without presets) -> validated config. `context` reaches the
+    configs' validators (e.g. the plan names `prune` accepts)."""
     if isinstance(item, MethodConfig):
         return item
     if isinstance(item, str):
@@ -105,7 +106,7 @@ def validate_one(item: Any) -> MethodConfig:
     if not isinstance(method, str) or method not in METHODS:
         raise SpecError(f"unknown accelerator method {method!r}; known methods: {method_names()}", field="method")
     try:
-        return _spec_adapter().validate_python(item)
+        return _spec_adapter().validate_python(item, context=context)
     except ValidationError as exc:
         message, field = validation_errors(exc.errors(), prefix=method)
         raise SpecError(message, field=field) from None
@@ -138,14 +139,18 @@ def _expand(spec: Any) -> list[Any]:
     return [spec]
 
 
-def parse_spec(spec: Any) -> AccelSpec:
+def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
     """Validate a spec (any accepted form) into configs in application order; errors name the field.
+
+    `plans`: when given, the only prune plan names the spec may use (the server passes the model's configured
+    plans, so a request can never name a file); None (the library) also accepts plan file paths.
 
     Conflicts are checked here, once, from what each `Method` declares: at most one method of an `exclusive`
     group, and none of the methods a method `conflicts` with."""
     if isinstance(spec, AccelSpec):
         return spec
-    configs = [validate_one(item) for item in _expand(spec)]
+    context = {"plans": frozenset(plans)} if plans is not None else None
+    configs = [validate_one(item, context) for item in _expand(spec)]
     names = [config.method for config in configs]
     groups: dict[str, str] = {}
     for name in names:

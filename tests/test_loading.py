@@ -168,6 +168,25 @@ def test_interrupt_from_on_step_stops_within_one_step(load):
     pipe._interrupt = False
 
 
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-flux"])
+def test_an_interrupted_call_is_not_decoded(load, name):
+    """Diffusers decodes after `_interrupt`; a cancelled video must not spend seconds decoding frames nobody reads."""
+    pipe = load(name)
+    decodes = []
+    decode = type(pipe.vae).decode
+    pipe.vae.__class__ = type("CountingVAE", (type(pipe.vae),),
+                              {"decode": lambda self, *a, **k: decodes.append(1) or decode(self, *a, **k)})
+    try:
+        params = GenerationParams.parse(prompt="a ball", num_inference_steps=4)
+        result = generate(pipe, params, on_step=lambda step, total: step < 1)
+        assert result.interrupted and result.images is None and result.videos is None and decodes == []
+        assert "decode" not in pipe.vae.__dict__  # the guard is gone after the call
+        again = generate(pipe, params)
+        assert not again.interrupted and again.frames().size and decodes == [1]
+    finally:
+        pipe.vae.__class__ = type(pipe.vae).__mro__[1]
+
+
 def test_our_kernels_package_is_not_mistaken_for_hub_kernels():
     from diffusers.utils import is_kernels_available
 

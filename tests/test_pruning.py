@@ -161,3 +161,35 @@ def test_cli_calibrate_writes_a_plan_and_interrupt_writes_nothing(tmp_path, monk
     assert main(argv) == 130
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     assert "no plan written" in capsys.readouterr().err
+
+
+def test_named_plans_only_when_the_caller_names_them(load, flux_plan, tmp_path):
+    """The server parses with the model's plan names: a path (even of a valid plan) is refused at parse time, so
+    nothing is opened; a configured name prunes exactly like the plan's path does from the library."""
+    for spec in (f"prune:plan={flux_plan},ratio=0.3", "prune:plan=/etc/shadow,ratio=0.3", "prune:plan=~/x"):
+        with pytest.raises(SpecError, match="unknown plan") as info:
+            parse_spec(spec, plans={"third"})
+        assert info.value.field == "prune.plan" and "this model's plans: third" in str(info.value)
+    with pytest.raises(SpecError, match="none are configured"):
+        parse_spec("prune:plan=third,ratio=0.3", plans=())
+    pipe = load_pipeline("tiny-flux", prune_plans={"third": flux_plan})
+    assert set(pipe.accel_prune_plans) == {"third"}
+    with accelerate(pipe, parse_spec("prune:plan=third,ratio=0.3", plans=pipe.accel_prune_plans)) as named:
+        by_name = run(pipe, "tiny-flux")
+    with accelerate(pipe, f"prune:plan={flux_plan},ratio=0.3") as by_path_report:
+        by_path = run(pipe, "tiny-flux")
+    assert np.array_equal(by_name, by_path) and named.details["prune"].pruned == by_path_report.details["prune"].pruned
+    assert named.details["prune"].pruned
+
+
+@pytest.mark.parametrize("content", ['{"format": "accel-prune-plan/1", "fingerprint": 3, "protected": [], "scores": {}}',
+                                     '{"format": "accel-prune-plan/1"}', '["accel-prune-plan/1"]',
+                                     '{"format": "secret-value-123"}', "[" * 100000, "\xff\xfe"])
+def test_a_file_that_is_not_a_plan_is_a_clear_error_that_echoes_nothing(tmp_path, content):
+    path = tmp_path / "not-a-plan.json"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(AccelError) as info:
+        load_plan(path)
+    assert "secret-value" not in str(info.value)
+    with pytest.raises(AccelError):
+        load_pipeline("tiny-flux", prune_plans={"bad": path})

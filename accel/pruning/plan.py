@@ -100,12 +100,21 @@ class Plan:
                 "recommended": self.recommended, "order": orders.get(self.recommended, [])}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Plan":
-        if data.get("format") != PLAN_FORMAT:
-            raise AccelError(f"prune plan: not a plan file (format {data.get('format')!r}, expected {PLAN_FORMAT!r})")
-        return cls(fingerprint=data["fingerprint"], protected=list(data["protected"]), scores=data["scores"],
-                   angular=data.get("angular", {}), recommended=data.get("recommended", "drop_one"),
-                   calibration=data.get("calibration", {}))
+    def from_dict(cls, data: Any) -> "Plan":
+        """A plan from its JSON; anything that is not a plan of this format is an AccelError (whose message does
+        not echo the file's content)."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise AccelError(f"prune plan: not a plan file (expected format {PLAN_FORMAT!r})")
+        try:
+            plan = cls(fingerprint=dict(data["fingerprint"]), protected=[str(n) for n in data["protected"]],
+                       scores={str(k): {str(b): float(v) for b, v in d.items()} for k, d in data["scores"].items()},
+                       angular=dict(data.get("angular", {})), recommended=str(data.get("recommended", "drop_one")),
+                       calibration=dict(data.get("calibration", {})))
+            if not isinstance(plan.fingerprint.get("blocks"), dict):
+                raise TypeError("fingerprint.blocks")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AccelError(f"prune plan: malformed {PLAN_FORMAT} file ({type(exc).__name__}: {exc})") from None
+        return plan
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a partial plan never appears under `path`."""
@@ -157,20 +166,42 @@ class Plan:
         return [*self.scores, *(["angular"] if self.angular else [])]
 
 
+MAX_PLAN_BYTES = 16 * 2**20  # plans are kilobytes; a larger file is not one
+
+
 @lru_cache(maxsize=16)
 def _read(path: str, mtime: float) -> Plan:
     try:
+        if Path(path).stat().st_size > MAX_PLAN_BYTES:
+            raise AccelError(f"prune plan {path!r}: larger than {MAX_PLAN_BYTES} bytes, not a plan file")
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AccelError(f"prune plan {path!r}: cannot read: {exc}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AccelError(f"prune plan {path!r}: cannot read: {type(exc).__name__}") from None
     return Plan.from_dict(data)
 
 
 def load_plan(path: str | Path) -> Plan:
+    """The plan in a file (a path from the library's own caller or the server's settings, never a request)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise AccelError(f"prune plan {str(path)!r}: no such file")
     return _read(str(path.resolve()), path.stat().st_mtime)
+
+
+def load_plans(pipe: Any, plans: dict[str, str | Path]) -> dict[str, Plan]:
+    """Named plans for per-call pruning (`prune:plan=<name>`), each checked against the pipeline's transformer;
+    kept as `pipe.accel_prune_plans`. The server configures them per model so that requests name plans, never
+    paths."""
+    loaded = {}
+    for name, path in plans.items():
+        plan = load_plan(path)
+        try:
+            plan.check(pipe.transformer)
+        except AccelError as exc:
+            raise AccelError(f"prune plan {name!r}: {exc}") from None
+        loaded[name] = plan
+    pipe.accel_prune_plans = loaded
+    return loaded
 
 
 # -- physical removal (at load) ---------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diffusers.hooks import ModelHook
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from accel.adapters import parse_block_name
 from accel.base import Counters, Method, MethodConfig, MethodHandle
@@ -29,11 +29,26 @@ class PruneConfig(MethodConfig):
     blocks: list[str] | None = Field(
         None, description='Blocks to skip, as "stack.index" (e.g. "single_transformer_blocks.3"). Not with plan.'
     )
-    plan: str | None = Field(None, description="Path of a plan file from `accel prune calibrate`.")
+    plan: str | None = Field(
+        None, max_length=200,
+        description="Name of a plan configured for the model (server: `prune_plans` in its settings); from the "
+        "library, also the path of a plan file from `accel prune calibrate`.",
+    )
     ratio: float = Field(0.0, ge=0.0, le=0.9, description="With plan: fraction of all blocks skipped. 0 = none.")
     score: Literal["recommended", "influence", "angular", "drop_one"] = Field(
         "recommended", description="With plan: which calibration score picks the blocks (default: the plan's)."
     )
+
+    @field_validator("plan")
+    @classmethod
+    def _named_plan(cls, plan: str | None, info: ValidationInfo) -> str | None:
+        """Where the caller says which plans exist (`parse_spec(..., plans=...)`: the server), only those names."""
+        names = (info.context or {}).get("plans")
+        if plan is not None and names is not None and plan not in names:
+            listed = ", ".join(sorted(names)) or "none are configured"
+            raise ValueError(f"unknown plan {plan!r} (a request names a configured plan, never a path); "
+                             f"this model's plans: {listed}")
+        return plan
 
     @model_validator(mode="after")
     def _one_source(self) -> "PruneConfig":
@@ -69,8 +84,9 @@ def blocks_for_call(session: AccelSession, config: PruneConfig) -> list[str]:
                 raise SpecError(f"prune: {name} is the first block of its stack, which is never pruned",
                                 field="prune.blocks")
         return list(dict.fromkeys(config.blocks))
+    named = getattr(session.pipe, "accel_prune_plans", {})
     try:
-        plan = load_plan(config.plan)
+        plan = named[config.plan] if config.plan in named else load_plan(config.plan)
         plan.check(session.transformer)
         return plan.select(config.ratio, config.score)
     except SpecError:
