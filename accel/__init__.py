@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # lazy: loading pulls in the model builders
+def __getattr__(name):  # on first use: loading imports diffusers pipelines and transformers encoders (~3 s)
     if name == "load_pipeline":
         from accel.loading import load_pipeline
 
