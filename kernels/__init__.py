@@ -1,8 +1,9 @@
 """Attention kernels, each with a plain-torch reference (see DESIGN.md: this layer imports torch and, optionally,
 triton; never diffusers, accel or server).
 
-- `block_sparse_attention(q, k, v, kv_block_mask, block_size=64, backend="auto")` -> (out, lse): attention over
-  the kept key blocks only; backends "triton" (GPU; CPU under TRITON_INTERPRET=1), "flex" (compiled
+- `block_sparse_attention(q, k, v, kv_blocks, block_size=None, backend="auto")` -> (out, lse): attention over
+  the kept key blocks only, given as a bool block mask or as `KVBlocks` (index lists built once per mask, for
+  callers that reuse a mask across calls); backends "triton" (GPU; CPU under TRITON_INTERPRET=1), "flex" (compiled
   FlexAttention, portable), "reference" (plain torch, for tests).
 - `block_importance(q, k, lse, block_size=64)`: the softmax mass of every (query block, key block), the search
   measure of AdaSpa.
@@ -10,6 +11,7 @@ triton; never diffusers, accel or server).
 
 from kernels.block_sparse import (
     BACKENDS,
+    KVBlocks,
     block_importance,
     block_sparse_attention,
     dense_attention_with_lse,
@@ -23,6 +25,7 @@ from kernels.block_sparse import (
 
 __all__ = [
     "BACKENDS",
+    "KVBlocks",
     "block_importance",
     "block_sparse_attention",
     "dense_attention_with_lse",

@@ -1,9 +1,10 @@
 """Triton kernels: FlashAttention-2 style block-sparse forward, and the block-importance search.
 
 Forward: one program per (query block, batch*head). It loads its query block once, then iterates only over the
-kept key blocks of its row (`kv_indices[b, h, i, :kv_num_blocks[b, h, i]]`, the layout of FlexAttention's
-BlockMask), with the online softmax (running max m, running sum l, rescaled accumulator), and writes out and the
-LSE (natural log). The ragged last block is masked on load (rows and columns past L) and in the scores (-inf).
+kept key blocks of its row (`indices[b, h, i, :counts[b, h, i]]` of a `KVBlocks`, the layout of FlexAttention's
+BlockMask, rows `width` entries apart), with the online softmax (running max m, running sum l, rescaled
+accumulator), and writes out and the LSE (natural log). The ragged last block is masked on load (rows and
+columns past L) and in the scores (-inf).
 
 Importance: one program per (query block, batch*head), looping over every key block: the sum of
 exp(q.k * scale - lse) over the tile, one float per (query block, key block).
@@ -20,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.block_sparse import _check, mask_to_kv_blocks, num_blocks
+from kernels.block_sparse import KVBlocks, _check, num_blocks
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _block_sparse_fwd(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    H, L, NB, scale,
+    H, L, NB, WIDTH, scale,
     BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
 ):
     qb, bh, b, h, offs_m, m_ok, offs_n0, offs_d, d_ok = _query_tile(H, L, BLOCK, D, DP)
@@ -57,7 +58,7 @@ def _block_sparse_fwd(
     row = bh * NB + qb
     count = tl.load(KV_NUM + row)
     for j in range(0, count):
-        kb = tl.load(KV_IDX + row * NB + j)
+        kb = tl.load(KV_IDX + row * WIDTH + j)
         offs_n = kb * BLOCK + offs_n0
         n_ok = offs_n < L
         k = _load_rows(K + b * stride_kb + h * stride_kh, stride_kl, offs_n, n_ok, offs_d, d_ok)
@@ -109,12 +110,13 @@ def _last_dim_contiguous(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def attention(q, k, v, kv_block_mask, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    _check(q, k, v, kv_block_mask, block_size)
+def attention(q, k, v, blocks: KVBlocks) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size = blocks.block_size
+    _check(q, k, v, blocks, block_size)
     q, k, v = _last_dim_contiguous(q, k, v)
     b, h, length, d = q.shape
     nb = num_blocks(length, block_size)
-    counts, indices = mask_to_kv_blocks(kv_block_mask)
+    counts, indices = blocks.counts, blocks.indices
     out = torch.empty_like(q)
     lse = torch.empty(b, h, length, dtype=torch.float32, device=q.device)
     _block_sparse_fwd[(nb, b * h)](
@@ -123,7 +125,7 @@ def attention(q, k, v, kv_block_mask, block_size: int = 64) -> tuple[torch.Tenso
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        h, length, nb, 1.0 / math.sqrt(d),
+        h, length, nb, indices.shape[-1], 1.0 / math.sqrt(d),
         BLOCK=block_size, D=d, DP=_padded_dim(d),
     )
     return out, lse

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import block_importance, block_sparse_attention, dense_lse, mask_to_kv_blocks, reference_attention
+from kernels import KVBlocks, block_importance, block_sparse_attention, dense_lse, mask_to_kv_blocks, reference_attention
 from kernels.block_sparse import reference_importance, resolve_backend, triton_available
 
 CHILD = os.environ.get("ACCEL_TRITON_CHILD") == "1"
@@ -76,6 +76,28 @@ def test_kv_blocks_layout():
     assert counts.dtype == torch.int32 and indices.dtype == torch.int32
 
 
+def test_kv_blocks_compact_form_round_trips_and_counts():
+    """`KVBlocks` keeps only as many index columns as the fullest row; its mask, count and reference output are
+    those of the bool mask it came from; a full one is every block without sorting."""
+    _, _, _, mask = _inputs(2, 3, 150, 8, 16, 0.3, seed=5)  # 10 blocks, ragged last block
+    mask[0, 0, 4] = False  # a row that keeps nothing
+    blocks = KVBlocks.from_mask(mask, 150, 16)
+    assert blocks.kept == int(mask.sum()) and blocks.indices.shape[-1] == int(mask.sum(-1).max()) < 10
+    assert blocks.counts.dtype == blocks.indices.dtype == torch.int32
+    assert torch.equal(blocks.to_mask(), mask)
+    full = KVBlocks.full(2, 3, 150, 16, torch.device("cpu"))
+    assert full.kept == 2 * 3 * 100 and full.to_mask().all()
+    q, k, v, _ = _inputs(2, 3, 150, 8, 16, 0.3, seed=6)
+    out, lse = block_sparse_attention(q, k, v, blocks, backend="reference")
+    ref_out, ref_lse = reference_attention(q, k, v, mask, 16)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert (out[0, 0, 64:80] == 0).all() and torch.isinf(lse[0, 0, 64:80]).all()
+    with pytest.raises(ValueError, match="kv blocks must cover"):
+        block_sparse_attention(q, k, v, blocks, 32, backend="reference")
+    with pytest.raises(ValueError, match="kv blocks must cover"):
+        block_sparse_attention(q[:, :, :140], k[:, :, :140], v[:, :, :140], blocks, backend="reference")
+
+
 @needs_triton
 def test_triton_kernels_under_interpreter():
     if CHILD:
@@ -95,6 +117,21 @@ def test_triton_case_matches_reference_random_masks(length, block, d):
     q, k, v, mask = _inputs(2, 2, length, d, block, 0.5, seed=length)
     out, lse = block_sparse_attention(q, k, v, mask, block, backend="triton")
     ref_out, ref_lse = reference_attention(q, k, v, mask, block)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+
+
+@in_child
+def test_triton_case_compact_blocks_of_narrow_width():
+    """Index rows narrower than nb (the width of the fullest row): the kernel steps rows by that width."""
+    q, k, v, _ = _inputs(1, 2, 100, 16, 16, 1.0, seed=9)
+    mask = torch.zeros(1, 2, 7, 7, dtype=torch.bool)
+    mask[..., 0] = True
+    mask[..., torch.arange(7), torch.arange(7)] = True
+    blocks = KVBlocks.from_mask(mask, 100, 16)
+    assert blocks.indices.shape[-1] == 2
+    out, lse = block_sparse_attention(q, k, v, blocks, backend="triton")
+    ref_out, ref_lse = reference_attention(q, k, v, mask, 16)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
 
@@ -130,6 +167,11 @@ def test_flex_matches_reference(length, block, density):
     ref_out, ref_lse = reference_attention(q, k, v, mask, block)
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    blocks = KVBlocks.from_mask(mask, length, block)  # narrow index rows, padded for the BlockMask, built once
+    for _ in range(2):
+        again, _ = block_sparse_attention(q, k, v, blocks, backend="flex", need_lse=False)
+        torch.testing.assert_close(again, ref_out, atol=2e-5, rtol=1e-4)
+    assert blocks.flex_block_mask() is blocks.flex_block_mask()
     if density == 1.0:
         torch.testing.assert_close(out, _dense(q, k, v)[0], atol=2e-5, rtol=1e-4)
 
