@@ -118,7 +118,8 @@ def run_once(args, out: Path, label: str, accel: str | None) -> dict:
         raise SystemExit(f"locust failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     lines = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
     summary = next((l for l in lines if l.get("summary")), {"started": None, "finished": None})
-    records = [l for l in lines if not l.get("summary")]
+    plan = next((l for l in lines if "skipped" in l), {"scenarios": None, "skipped": {}})
+    records = [l for l in lines if not l.get("summary") and "skipped" not in l]
     by_status: dict[str, int] = {}
     for r in records:
         by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
@@ -131,7 +132,8 @@ def run_once(args, out: Path, label: str, accel: str | None) -> dict:
     ok_images = len(images)
     videos_done = sum(1 for r in records if r["name"] == "videos:content" and r["status"] == 200)
     result = {
-        "label": label, "acceleration": accel, "users": args.users, "spawn_rate": args.spawn_rate,
+        "label": label, "acceleration": accel, "scenarios": plan["scenarios"], "skipped": plan["skipped"],
+        "users": args.users, "spawn_rate": args.spawn_rate,
         "duration_s": args.duration, "rate": args.rate, "wall_s": round(wall, 2),
         "requests": len(records), "generation_requests": len(generation),
         "req_per_s": round(len(records) / span, 3) if span else 0.0,
@@ -183,6 +185,9 @@ def write_reports(results: list[dict], out: Path, args) -> dict:
             f"| {_fmt(q['mean'] * 1000 if q['mean'] is not None else None, 1)} "
             f"| {_fmt(q['p95'] * 1000 if q['p95'] is not None else None, 1)} | {_fmt(srv['batch_size']['mean'], 2)} "
             f"| {json.dumps(r['status_counts'])} |")
+    skipped = {name: why for r in runs for name, why in r["skipped"].items()}
+    if skipped:
+        lines += [""] + [f"Skipped scenario `{name}`: {why}." for name, why in skipped.items()]
     for c in report.get("comparison", []):
         lines += ["", f"`{c['acceleration']}` vs `{c['vs']}`: images/s x{_fmt(c['images_per_s_ratio'], 2)}, "
                       f"image p50 x{_fmt(c['p50_ratio'], 2)}"]

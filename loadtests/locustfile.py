@@ -5,9 +5,15 @@
 
 Scenarios (users are picked by weight; `LOADTEST_SCENARIOS=images,videos` chooses the classes):
 
-- `ImageUser`: `POST /v1/images/generations` with a mix of sizes, presets (`off`, `quality`, `balanced`, `fast`,
-  or through OpenAI's `quality`) and explicit knobs (`fbcache:threshold=0.1`, `sortblock:K=3`).
-- `VideoUser`: `POST /v1/videos`, poll `GET /v1/videos/{id}` until done, `GET .../content`.
+- `ImageUser` (`images`, needs a text-to-image model): `POST /v1/images/generations` with a mix of sizes, presets
+  (`off`, `quality`, `balanced`, `fast`, or through OpenAI's `quality`) and explicit knobs (`fbcache:threshold=0.1`,
+  `sortblock:K=3`).
+- `VideoUser` (`videos`, needs a text-to-video model): `POST /v1/videos`, poll `GET /v1/videos/{id}` until done,
+  `GET .../content`.
+
+At test start the served models are read from `GET /v1/models`: a scenario whose task no served model has (or whose
+`LOADTEST_*_MODEL` is not served, or serves another task) is skipped with a warning naming why, so a server with
+only an image model gets image traffic only. When no scenario is left the test stops with exit code 1.
 
 Environment: `LOADTEST_ACCEL` forces one acceleration on every request (comparison mode); `LOADTEST_IMAGE_MODEL`,
 `LOADTEST_VIDEO_MODEL` (default: the server's default model per task); `LOADTEST_STEPS` (default 4);
@@ -19,6 +25,7 @@ user paced with `constant_throughput`); `LOADTEST_RECORDS` (a JSONL file: one li
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -26,14 +33,15 @@ from contextlib import contextmanager
 
 from gevent import GreenletExit
 
+import requests
 from locust import HttpUser, between, constant_throughput, events, task
+from locust.exception import StopTest
 
 ACCEL = os.environ.get("LOADTEST_ACCEL") or None
 IMAGE_MODEL = os.environ.get("LOADTEST_IMAGE_MODEL") or None
 VIDEO_MODEL = os.environ.get("LOADTEST_VIDEO_MODEL") or None
 STEPS = int(os.environ.get("LOADTEST_STEPS", "4"))
 SIZES = os.environ.get("LOADTEST_SIZES", "64x64,128x128,64x128").split(",")
-SCENARIOS = set(os.environ.get("LOADTEST_SCENARIOS", "images,videos").split(","))
 RATE = float(os.environ.get("LOADTEST_RATE", "0") or 0)
 USERS = max(1, int(os.environ.get("LOADTEST_USERS", "1")))
 VIDEO_TIMEOUT_S = float(os.environ.get("LOADTEST_VIDEO_TIMEOUT_S", "120"))
@@ -42,8 +50,38 @@ HEADERS = {"authorization": f"Bearer {os.environ['LOADTEST_API_KEY']}"} if os.en
 PRESETS = ["off", "quality", "balanced", "fast"]
 KNOBS = ["fbcache:threshold=0.1", "sortblock:K=3"]
 
+TASKS = {"images": "text-to-image", "videos": "text-to-video"}  # scenario -> the model task it needs
+
+log = logging.getLogger("loadtests")
 _records = None
 _in_flight = {"started": 0, "finished": 0, "stopped": 0}
+
+
+def plan_scenarios(wanted: list[str], models: list[dict], named: dict[str, str | None]) -> tuple[list[str], dict]:
+    """Which of the `wanted` scenarios the served `models` (`/v1/models` entries: id, task) support; `named` maps a
+    scenario to the model it must use (None: any of its task). Returns (kept, {skipped: why})."""
+    served = {m["id"]: m.get("task") for m in models}
+    listing = ", ".join(f"{m} ({t})" for m, t in served.items()) or "none"
+    kept, skipped = [], {}
+    for name in wanted:
+        task, model = TASKS.get(name), named.get(name)
+        if task is None:
+            skipped[name] = f"unknown scenario (known: {', '.join(TASKS)})"
+        elif model is not None and model not in served:
+            skipped[name] = f"model {model!r} is not served (served: {listing})"
+        elif model is not None and served[model] != task:
+            skipped[name] = f"model {model!r} is a {served[model]} model, {name} need {task}"
+        elif model is None and task not in served.values():
+            skipped[name] = f"no {task} model is served (served: {listing})"
+        else:
+            kept.append(name)
+    return kept, skipped
+
+
+def served_models(host: str) -> list[dict]:
+    response = requests.get(host.rstrip("/") + "/v1/models", headers=HEADERS, timeout=30)
+    response.raise_for_status()
+    return response.json()["data"]
 
 
 @events.test_start.add_listener
@@ -52,6 +90,32 @@ def _open_records(environment, **_):
     path = os.environ.get("LOADTEST_RECORDS")
     if path:
         _records = open(path, "a", buffering=1)
+
+
+@events.test_start.add_listener
+def _choose_scenarios(environment, **_):
+    """Keep only the user classes whose scenario the server can serve (the runner picks users from this list)."""
+    host = environment.host or next((c.host for c in environment.user_classes if c.host), None)
+    wanted = [name for name in os.environ.get("LOADTEST_SCENARIOS", "images,videos").split(",") if name]
+    try:
+        models = served_models(host)
+    except Exception as exc:  # noqa: BLE001 - any failure here is one clear stop
+        environment.process_exit_code = 1
+        raise StopTest(f"cannot read the served models from {host}/v1/models: {exc}") from None
+    kept, skipped = plan_scenarios(wanted, models, {"images": IMAGE_MODEL, "videos": VIDEO_MODEL})
+    for name, why in skipped.items():
+        log.warning("scenario %s skipped: %s", name, why)
+    if _records is not None:
+        _records.write(json.dumps({"scenarios": kept, "skipped": skipped}) + "\n")
+    if not kept:
+        environment.process_exit_code = 1
+        raise StopTest(f"no scenario left to run against {host}: "
+                       + "; ".join(f"{name}: {why}" for name, why in skipped.items()))
+    classes = {SCENARIO_CLASSES[name] for name in kept}
+    environment.user_classes[:] = [c for c in environment.user_classes if c in classes]
+    if not environment.user_classes:
+        environment.process_exit_code = 1
+        raise StopTest(f"the user classes chosen on the command line run none of the scenarios {kept}")
 
 
 @events.request.add_listener
@@ -94,7 +158,7 @@ class _Base(HttpUser):
 
 
 class ImageUser(_Base):
-    weight = 4 if "images" in SCENARIOS else 0
+    weight = 4
     wait_time = _pacing()
 
     def _generate(self, body: dict, scenario: str):
@@ -125,7 +189,7 @@ class ImageUser(_Base):
 
 
 class VideoUser(_Base):
-    weight = 1 if "videos" in SCENARIOS else 0
+    weight = 1
     wait_time = _pacing()
 
     @task
@@ -163,3 +227,6 @@ class VideoUser(_Base):
                 r.success()
             else:
                 r.failure(f"{r.status_code}: not an MP4")
+
+
+SCENARIO_CLASSES = {"images": ImageUser, "videos": VideoUser}

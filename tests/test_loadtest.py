@@ -1,7 +1,9 @@
 """CI smoke load test: `python -m loadtests` (Locust, headless) against a real `accel serve` process with the tiny
-models for ~20 s; fails on any 5xx, request without a response, or lost request/job."""
+models for ~20 s; fails on any 5xx, request without a response, or lost request/job. Plain `locust` against a
+server with an image model only runs the image scenario (videos skipped, named in the log) without failures."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def server_url():
     server = ServeProcess(queue_size=256, models=[{"id": "tiny-flux", "source": "tiny-flux"},
                                                   {"id": "tiny-wan", "source": "tiny-wan"}]).wait_ready()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def image_only_url():
+    server = ServeProcess(models=[{"id": "tiny-flux", "source": "tiny-flux"}]).wait_ready()
     yield server.url
     server.stop()
 
@@ -42,3 +51,31 @@ def test_smoke_load_has_no_5xx_and_loses_nothing(server_url, tmp_path):
     assert run["server"]["batch_size"]["count"] > 0 and run["server"]["queue_seconds"]["mean"] is not None
     assert (out / "latency.png").read_bytes()[:4] == b"\x89PNG"
     assert "| run |" in (out / "report.md").read_text()
+
+
+def test_plain_locust_skips_scenarios_the_server_cannot_serve(image_only_url, tmp_path):
+    """Default scenarios (images, videos) against a server with no video model: before the fix every video request
+    failed with a 400 (the run's failures); now videos are skipped, named with the reason, and nothing fails."""
+    stats = tmp_path / "stats.json"
+    command = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+               "--host", image_only_url, "--users", "3", "--spawn-rate", "3", "--run-time", "6s",
+               "--stop-timeout", "30", "--only-summary", "--json-file", str(stats.with_suffix(""))]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "scenario videos skipped: no text-to-video model is served" in output, output[-3000:]
+    entries = json.loads(stats.read_text())
+    assert {e["name"] for e in entries} == {"images"}, entries
+    assert sum(e["num_requests"] for e in entries) > 0
+    assert sum(e["num_failures"] for e in entries) == 0, entries
+
+
+def test_locust_stops_clearly_when_no_scenario_is_served(image_only_url, tmp_path):
+    """Only videos asked of a server without a video model: a clear stop, exit code 1, and no request sent."""
+    command = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"), "--headless",
+               "--host", image_only_url, "--users", "1", "--spawn-rate", "1", "--run-time", "20s", "--only-summary"]
+    env = {**os.environ, "LOADTEST_SCENARIOS": "videos"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "no scenario left to run" in output and "no text-to-video model is served" in output, output[-3000:]
