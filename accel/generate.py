@@ -64,14 +64,15 @@ class ResolvedParams(GenerationParams):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a caller needs to know about a loaded model: its task, family, generation defaults and the size and
-    frame-count rules of its VAE and transformer."""
+    """What a caller needs to know about a loaded model: its task, family, generation defaults, the size and
+    frame-count rules of its VAE and transformer, and the prune plans a spec may name (`parse_spec(plans=...)`)."""
 
     task: str
     family: str
     defaults: ModelDefaults
     size_multiple: int  # height and width are multiples of this
     temporal_factor: int  # video frames are temporal_factor * k + 1 (1: any count)
+    prune_plans: tuple[str, ...] = ()  # names loaded with `load_pipeline(prune_plans=...)`
 
     @property
     def fps(self) -> int:
@@ -86,6 +87,7 @@ def model_info(pipe: Any) -> ModelInfo:
         defaults=getattr(pipe, "accel_defaults", None) or ModelDefaults(),
         size_multiple=adapter.size_multiple(pipe),
         temporal_factor=getattr(pipe, "vae_scale_factor_temporal", 1) or 1,
+        prune_plans=tuple(getattr(pipe, "accel_prune_plans", {})),
     )
 
 

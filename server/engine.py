@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from accel.errors import AccelError
 from accel.generate import GenerationParams, GenerationResult, ModelInfo, batch_key, generate_batch, model_info
 from accel.loading import load_pipeline
 from accel.spec import AccelSpec
@@ -59,8 +60,11 @@ class Engine:
     def load(self, on_loaded: Callable[[str, float], None] | None = None) -> None:
         for model in self.settings.models:
             start = time.perf_counter()
-            pipe = load_pipeline(model.source, device=self.settings.device, dtype=model.dtype, compile=model.compile,
-                                 **_prune_kwargs(model))
+            try:
+                pipe = load_pipeline(model.source, device=self.settings.device, dtype=model.dtype,
+                                     compile=model.compile, **_prune_kwargs(model))
+            except AccelError as exc:  # e.g. a bad plan file: say which model's settings to fix
+                raise AccelError(f"model {model.id}: {exc}", field=exc.field) from None
             info = model_info(pipe)
             if self.settings.warmup:
                 generate_batch(pipe, [GenerationParams.parse(prompt="warm-up", num_inference_steps=1)])
@@ -94,7 +98,9 @@ class Engine:
 
 
 def _prune_kwargs(model: ModelSettings) -> dict:
-    """Load-time pruning, when the model settings ask for it and `accel` supports it."""
-    if not model.prune_plan:
-        return {}
-    return {"prune_plan": model.prune_plan, "prune_ratio": model.prune_ratio}
+    """Load-time pruning when the model settings ask for it, and the named plans requests may use (checked now: a
+    bad plan file stops the start-up with its name)."""
+    kwargs: dict = {"prune_plans": model.prune_plans}
+    if model.prune_plan:
+        kwargs.update(prune_plan=model.prune_plan, prune_ratio=model.prune_ratio)
+    return kwargs

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from accel.errors import validation_errors
+from accel.errors import SpecError, validation_errors
 from accel.loading import DEFAULT_MODEL
-from accel.spec import parse_spec
+from accel.spec import AccelSpec, method_schemas, parse_spec
 
 
 class ModelSettings(BaseModel):
@@ -30,6 +30,9 @@ class ModelSettings(BaseModel):
     default_preset: str = Field("off", description="acceleration when a request gives none")
     prune_plan: str | None = Field(None, description="pruning plan file applied at load")
     prune_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    prune_plans: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]{0,63}$")], str] = Field(
+        default_factory=dict, description="plans per-call pruning may use: name -> plan file; requests name them "
+        "(prune:plan=<name>), never a path")
     compile: bool = False
 
 
@@ -50,6 +53,12 @@ class ServerSettings(BaseSettings):
     max_n: int = Field(4, ge=1, le=16)
     max_prompt_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    allowed_methods: list[str] | None = Field(
+        None, description="accelerator methods requests (and presets) may use; None: all, []: none")
+    method_limits: dict[str, dict[str, tuple[float, float]]] = Field(
+        default_factory=dict, description='per method, the range each numeric knob must lie in, e.g. '
+        '{"sparse_attention": {"sparsity": [0.5, 0.9]}}')
+    api_docs: bool = Field(False, description="serve /docs and /redoc (their scripts load from a CDN)")
     api_keys: list[SecretStr] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     shutdown_grace_s: float = Field(30.0, ge=0.0)
     job_ttl_s: float = Field(3600.0, gt=0.0, description="finished video jobs are forgotten after this")
@@ -71,8 +80,62 @@ class ServerSettings(BaseSettings):
         if len(set(ids)) != len(ids):
             raise ValueError(f"model ids must be unique, got {ids}")
         for model in models:
-            parse_spec(model.default_preset)  # a SpecError (a ValueError) names the problem
+            parse_spec(model.default_preset, plans=model.prune_plans)  # a SpecError (a ValueError) names it
         return models
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _allowed_methods(cls, names: list[str] | None) -> list[str] | None:
+        unknown = set(names or ()) - set(method_schemas())
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(method_schemas())}")
+        return names
+
+    @field_validator("method_limits")
+    @classmethod
+    def _method_limits(cls, limits: dict[str, dict[str, tuple[float, float]]]) -> dict:
+        schemas = method_schemas()
+        for method, knobs in limits.items():
+            if method not in schemas:
+                raise ValueError(f"unknown method {method!r}; known: {', '.join(schemas)}")
+            for knob, (low, high) in knobs.items():
+                if knob == "method" or knob not in schemas[method]["schema"]["properties"]:
+                    raise ValueError(f"{method} has no knob {knob!r}")
+                if low > high:
+                    raise ValueError(f"{method}.{knob}: the range [{low}, {high}] is empty")
+        return limits
+
+    @model_validator(mode="after")
+    def _presets_allowed(self) -> "ServerSettings":
+        for model in self.models:
+            try:
+                self.check_spec(parse_spec(model.default_preset, plans=model.prune_plans))
+            except SpecError as exc:
+                raise ValueError(f"model {model.id}: default_preset: {exc}") from None
+        return self
+
+    def check_spec(self, spec: AccelSpec) -> None:
+        """Refuse (SpecError naming `acceleration.<method>[.<knob>]`) a spec that uses a method this server does
+        not allow or a knob outside its limits: the operator decides which costs clients may ask for."""
+        for config in spec:
+            if self.allowed_methods is not None and config.method not in self.allowed_methods:
+                allowed = ", ".join(self.allowed_methods) or "none"
+                raise SpecError(f"acceleration.{config.method}: not allowed on this server; allowed: {allowed}",
+                                field=config.method)
+            for knob, (low, high) in self.method_limits.get(config.method, {}).items():
+                value = getattr(config, knob)
+                for number in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(number, (int, float)) and not isinstance(number, bool) and not low <= number <= high:
+                        raise SpecError(f"acceleration.{config.method}.{knob}: {number} is outside this server's "
+                                        f"limits [{low}, {high}]", field=f"{config.method}.{knob}")
+
+    @field_validator("public_paths")
+    @classmethod
+    def _public_paths(cls, paths: list[str]) -> list[str]:
+        bad = [p for p in paths if not p.startswith("/")]
+        if bad:
+            raise ValueError(f"paths start with '/', got {bad}")
+        return paths
 
     @field_validator("redis_url")
     @classmethod
