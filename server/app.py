@@ -26,6 +26,7 @@ from server.api.errors import (
     job_error,
     validation_error_handler,
 )
+from server.api.openapi import openapi_document
 from server.api.routes import router
 from server.engine import Engine
 from server.jobs import VideoJobs, make_job_store
@@ -76,10 +77,13 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
             await scheduler.stop()
             videos.close()
 
+    docs = settings.api_docs  # the docs pages load their scripts from a CDN: off unless asked for
     app = FastAPI(title="diffusion-accel", version="0.1.0", lifespan=lifespan,
-                  description="Diffusion pipelines with per-request training-free acceleration.")
+                  description="Diffusion pipelines with per-request training-free acceleration.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.accel = app_state
     app.include_router(router)
+    app.openapi = lambda: openapi_document(app)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)

@@ -329,9 +329,9 @@ def test_a_spec_is_parsed_once_and_equal_specs_batch_together(live, records, mon
     validate_one, pipeline_kwargs = accel.spec.validate_one, accel.generate.pipeline_kwargs
     submit, run = live.state.scheduler.submit, live.state.engine.run
 
-    def counting_validate(item):
+    def counting_validate(item, context=None):
         parsed.append(item)
-        return validate_one(item)
+        return validate_one(item, context)
 
     def counting_kwargs(pipe, batch):
         assembled.append(len(batch))

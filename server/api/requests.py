@@ -1,21 +1,25 @@
 """Request normalisation: an API request becomes one `WorkItem` (its model chosen, its acceleration spec parsed
-once, its parameters checked against the model once, with the model's defaults filled in) or a 400 naming the
-field. What the model allows (defaults, size multiples, frame counts its VAE encodes) comes from
-`accel.generate`; the limits here are the server's settings."""
+once, its parameters checked against the model once, with the model's defaults filled in) or a 4xx naming the
+field. What the model allows (defaults, size multiples, frame counts its VAE encodes, the prune plans it has) comes
+from `accel.generate`; the limits here are the server's settings, applied to what will run (defaults included).
+
+Bodies are read here, not by FastAPI, so that every framing meets the same rules: JSON is UTF-8 without a BOM,
+with no NaN or Infinity, nested at most `MAX_DEPTH` deep; a multipart form's fields are UTF-8 text."""
 
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import time
-from typing import Any
+from email import policy
+from email.parser import BytesParser
+from typing import Any, TypeVar
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from accel.errors import AccelError, SpecError, validation_errors
-from accel.generate import GenerationParams, frames_for_duration, resolve_params
+from accel.generate import GenerationParams, ResolvedParams, frames_for_duration, resolve_params
 from accel.presets import QUALITY_TO_PRESET
 from accel.spec import AccelSpec, parse_spec
 
@@ -25,14 +29,23 @@ from server.engine import LoadedModel
 from server.scheduler import WorkItem
 from server.settings import ServerSettings
 
+MAX_DEPTH = 16  # JSON nesting a request may use; the deepest valid request (a spec list of objects) needs 4
+
+Body = TypeVar("Body", bound=BaseModel)
+
 
 def choose_model(models: dict[str, LoadedModel], model_id: str | None, task: str) -> tuple[str, LoadedModel]:
     """The named model, or the first one of the route's task; it must serve that task."""
     if not models:
         raise APIError(503, "models are still loading", type="server_error")
-    model_id = model_id or next((m for m, loaded in models.items() if loaded.info.task == task), None)
+    available = ", ".join(models)
+    if model_id is None:
+        model_id = next((m for m, loaded in models.items() if loaded.info.task == task), None)
+        if model_id is None:
+            raise APIError(400, f"no {task} model is served here; available: {available}", param="model",
+                           code="model_not_found")
     if model_id not in models:
-        raise APIError(400, f"model {model_id!r} is not served here; available: {', '.join(models)}",
+        raise APIError(400, f"model {model_id!r} is not served here; available: {available}",
                        param="model", code="model_not_found")
     loaded = models[model_id]
     if loaded.info.task != task:
@@ -41,31 +54,43 @@ def choose_model(models: dict[str, LoadedModel], model_id: str | None, task: str
     return model_id, loaded
 
 
-def acceleration(body, loaded: LoadedModel, quality: str | None = None) -> AccelSpec:
+def acceleration(settings: ServerSettings, body, loaded: LoadedModel, quality: str | None = None) -> AccelSpec:
     """The request's spec, parsed here and nowhere else: `acceleration`, else the preset `quality` maps to, else
-    the model's default preset."""
+    the model's default preset. A prune plan is one of the model's configured names (never a path), and the
+    methods and knobs are within what the settings allow."""
     spec = body.acceleration
     if spec is None:
         spec = QUALITY_TO_PRESET.get(quality or "", loaded.settings.default_preset)
     try:
-        return parse_spec(spec)
+        parsed = parse_spec(spec, plans=loaded.info.prune_plans)
+        settings.check_spec(parsed)
     except SpecError as exc:
         raise bad_request(str(exc), "acceleration") from None
+    except RecursionError:  # a shorthand value nested deeper than Python parses
+        raise bad_request("acceleration: nested too deeply", "acceleration") from None
+    return parsed
 
 
-def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -> GenerationParams:
-    """The request's generation parameters within the server's limits, resolved against the model."""
+def _over_limits(settings: ServerSettings, params: ResolvedParams) -> None:
+    """The server's limits on what will run, the model's defaults included."""
+    if params.num_inference_steps and params.num_inference_steps > settings.max_steps:
+        raise bad_request(f"num_inference_steps: {params.num_inference_steps} is more than this server's limit of "
+                          f"{settings.max_steps} (the model's default applies when none is given)",
+                          "num_inference_steps")
+    if params.width and params.height and params.width * params.height > settings.max_pixels:
+        raise bad_request(f"size: {params.width}x{params.height} is more than {settings.max_pixels} pixels", "size")
+    if params.num_frames and params.num_frames > settings.max_frames:
+        raise bad_request(f"num_frames: {params.num_frames} frames is more than the limit of {settings.max_frames}",
+                          "num_frames")
+
+
+def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -> ResolvedParams:
+    """The request's generation parameters resolved against the model, within the server's limits."""
     if len(body.prompt) > settings.max_prompt_chars:
         raise bad_request(f"prompt: longer than {settings.max_prompt_chars} characters", "prompt")
     if body.negative_prompt and len(body.negative_prompt) > settings.max_prompt_chars:
         raise bad_request(f"negative_prompt: longer than {settings.max_prompt_chars} characters", "negative_prompt")
-    if body.num_inference_steps is not None and body.num_inference_steps > settings.max_steps:
-        raise bad_request(f"num_inference_steps: at most {settings.max_steps}", "num_inference_steps")
     width, height = body.dimensions()
-    defaults = loaded.info.defaults
-    w, h = width or defaults.width, height or defaults.height
-    if w and h and w * h > settings.max_pixels:
-        raise bad_request(f"size: {w}x{h} is more than {settings.max_pixels} pixels", "size")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     try:
         params = GenerationParams.parse(
@@ -73,9 +98,11 @@ def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, height=height, width=width,
             seed=seed, **extra,
         )
-        return resolve_params(loaded.pipe, params)
+        params = resolve_params(loaded.pipe, params)
     except AccelError as exc:
         raise bad_request(str(exc), param_of(exc)) from None
+    _over_limits(settings, params)
+    return params
 
 
 def _deadline(settings: ServerSettings, body) -> float:
@@ -86,32 +113,22 @@ def image_work(settings: ServerSettings, models: dict[str, LoadedModel], body: I
     model_id, loaded = choose_model(models, body.model, "text-to-image")
     if body.n > settings.max_n:
         raise bad_request(f"n: at most {settings.max_n} images per request", "n")
-    if body.response_format == "url":
-        raise bad_request("response_format: 'url' is not supported here; use 'b64_json'", "response_format")
     quality = None if body.quality in (None, "standard", "hd") else body.quality
-    spec = acceleration(body, loaded, quality)
+    spec = acceleration(settings, body, loaded, quality)
     params = resolve(settings, body, loaded, num_outputs=body.n)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body))
 
 
 def video_frames(body: VideoCreateRequest, loaded: LoadedModel, max_frames: int) -> tuple[int | None, int]:
-    """(frames, fps): `num_frames`, else `seconds` at the fps rounded to a count the model's VAE encodes, else the
-    model's default."""
+    """(frames, fps): `num_frames`, else `seconds` at the fps rounded to a count the model's VAE encodes (at most
+    `max_frames`), else the model's default."""
     fps = body.fps or loaded.info.fps
     frames = body.num_frames
     if frames is None and body.seconds is not None:
-        try:
-            seconds = float(body.seconds)
-        except ValueError:
-            seconds = math.nan
-        if not math.isfinite(seconds):
-            raise bad_request("seconds: must be a number", "seconds")
-        if seconds <= 0:
-            raise bad_request("seconds: must be positive", "seconds")
-        frames = frames_for_duration(loaded.pipe, seconds, fps)
-    frames = frames or loaded.info.defaults.num_frames
-    if frames and frames > max_frames:
-        raise bad_request(f"num_frames: {frames} frames is more than the limit of {max_frames}", "num_frames")
+        if body.seconds * fps > max_frames:
+            raise bad_request(f"seconds: {body.seconds:g} s at {fps} fps is more than the limit of {max_frames} "
+                              "frames", "seconds")
+        frames = frames_for_duration(loaded.pipe, body.seconds, fps)
     return frames, fps
 
 
@@ -119,29 +136,82 @@ def video_work(settings: ServerSettings, models: dict[str, LoadedModel],
                body: VideoCreateRequest) -> tuple[WorkItem, int]:
     """The video request's work item and its fps."""
     model_id, loaded = choose_model(models, body.model, "text-to-video")
-    spec = acceleration(body, loaded)
+    spec = acceleration(settings, body, loaded)
     frames, fps = video_frames(body, loaded, settings.max_frames)
     params = resolve(settings, body, loaded, num_frames=frames)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body)), fps
 
 
-async def read_video_body(request: Request) -> VideoCreateRequest:
-    """The body of `POST /v1/videos`: JSON, or a form (OpenAI's client sends multipart) whose `acceleration` may
-    be JSON text."""
-    content_type = request.headers.get("content-type", "")
+# -- bodies ------------------------------------------------------------------------------------------------------
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(raw: bytes) -> Any:
     try:
-        if content_type.startswith("multipart/form-data") or content_type.startswith("application/x-www-form"):
-            form = await request.form()
-            data: dict[str, Any] = {k: v for k, v in form.items()}
-            if isinstance(data.get("acceleration"), str) and data["acceleration"][:1] in "[{":
-                data["acceleration"] = json.loads(data["acceleration"])
-        else:
-            data = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError:
+        raise bad_request("the body must be UTF-8 JSON") from None
+    except RecursionError:
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} deep") from None
+    except ValueError as exc:  # JSONDecodeError (a BOM too), NaN, Infinity
         raise bad_request(f"malformed JSON body: {exc}") from None
+
+
+def _form(content_type: str, raw: bytes) -> dict[str, Any]:
+    """A multipart form's fields as text (strict UTF-8, each field once; a file part is `{"file": name}`, which
+    no text field accepts). `acceleration` may be JSON text."""
+    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
+    message = BytesParser(policy=policy.HTTP).parsebytes(head + raw)
+    if not message.is_multipart() or message.defects:
+        raise bad_request("malformed multipart body")
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise bad_request("malformed multipart body: a part without a name")
+        if name in fields:
+            raise bad_request(f"{name}: given more than once", name)
+        try:
+            filename = part.get_filename()
+            fields[name] = {"file": filename} if filename is not None else (
+                (part.get_payload(decode=True) or b"").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise bad_request(f"{name}: not UTF-8 text", name) from None
+    text = fields.get("acceleration")
+    if isinstance(text, str) and text[:1] in ("[", "{"):
+        fields["acceleration"] = _json(text.encode())
+    return fields
+
+
+def _depth(value: Any, limit: int) -> int:
+    """How deep `value` nests, counting no further than `limit + 1`."""
+    if limit < 0 or not isinstance(value, (dict, list)):
+        return 0
+    items = value.values() if isinstance(value, dict) else value
+    return 1 + max((_depth(item, limit - 1) for item in items), default=0)
+
+
+async def read_body(request: Request, schema: type[Body], *, multipart: bool = False) -> Body:
+    """The body as `schema`: JSON (strict types), or with `multipart` also multipart/form-data (its text fields
+    converted to the schema's types). Any other content type is 415."""
+    content_type = request.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    raw = await request.body()
+    if media == "application/json":
+        data, strict = _json(raw), True
+    elif multipart and media == "multipart/form-data":
+        data, strict = _form(content_type, raw), False
+    else:
+        accepted = "application/json or multipart/form-data" if multipart else "application/json"
+        raise APIError(415, f"content type {media or 'none'!r} is not accepted here; send {accepted}",
+                       code="unsupported_media_type")
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
+    if _depth(data, MAX_DEPTH) > MAX_DEPTH:
+        raise bad_request(f"the body is nested more than {MAX_DEPTH} deep")
     try:
-        return VideoCreateRequest.model_validate(data)
+        return schema.model_validate(data, strict=strict)
     except ValidationError as exc:
-        raise bad_request(*validation_errors(exc.errors())) from None
+        errors = exc.errors()
+        raise bad_request(validation_errors(errors)[0], str(errors[0]["loc"][0]) if errors[0]["loc"] else None) from None

@@ -5,27 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Depends, Request, Security
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from accel.errors import SpecError
 from accel.io import image_bytes
 from accel.presets import PRESET_DESCRIPTIONS, PRESETS, QUALITY_TO_PRESET
-from accel.spec import method_schemas
+from accel.spec import method_schemas, parse_spec
 
 from server.api.errors import APIError, bad_request, error_body, failure
-from server.api.requests import image_work, read_video_body, video_work
+from server.api.guard import authorised
+from server.api.requests import image_work, read_body, video_work
 from server.api.schemas import (
+    ErrorResponse,
+    Health,
     ImageData,
     ImageGenerationRequest,
     ImagesResponse,
     ModelCard,
     ModelList,
+    NotReady,
+    Ready,
+    VideoCreateRequest,
     VideoDeleted,
     VideoJob,
     VideoList,
@@ -33,6 +40,34 @@ from server.api.schemas import (
 from server.scheduler import Cancelled, Draining, QueueFull
 
 router = APIRouter()
+# documents the bearer scheme in OpenAPI; the key itself is checked by `require_api_key`
+bearer = HTTPBearer(auto_error=False, description="one of the server's `api_keys` (only when any are set)")
+
+_ERRORS = {
+    400: "invalid request: `error.param` names the field",
+    401: "missing or invalid API key",
+    404: "no such video job",
+    409: "the video is not ready",
+    413: "request body larger than `max_body_bytes`",
+    415: "the body is not JSON (or, for videos, multipart/form-data)",
+    429: "the queue is full; retry after `Retry-After` seconds",
+    503: "models still loading, the server draining, or out of device memory",
+    504: "the request did not finish before its deadline",
+}
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI responses for these error statuses (every route may also answer 401)."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in sorted({401, *codes})}
+
+
+def json_body(schema: type, *, multipart: bool = False) -> dict:
+    """OpenAPI request body for a route that reads its body itself (`read_body`)."""
+    ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    content = {"application/json": {"schema": ref}}
+    if multipart:
+        content["multipart/form-data"] = {"schema": ref}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def state(request: Request):
@@ -40,14 +75,14 @@ def state(request: Request):
 
 
 async def require_api_key(request: Request) -> None:
-    keys = state(request).settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    if not any(hmac.compare_digest(token.encode(), key.get_secret_value().encode()) for key in keys):
+    """A second check behind the guard's (`server.api.guard`, which answers before the body is read): it keeps a
+    route protected if it is ever served without the guard."""
+    if not authorised(state(request).settings, request.url.path, request.headers.get("authorization", "")):
         raise APIError(401, "missing or invalid API key (Authorization: Bearer ...)", type="authentication_error",
                        headers={"WWW-Authenticate": "Bearer"})
+
+
+PROTECTED = [Security(bearer), Depends(require_api_key)]
 
 
 @contextmanager
@@ -63,9 +98,11 @@ def admission(app_state) -> Iterator[None]:
 
 
 # -- images ------------------------------------------------------------------------------------------------------
-@router.post("/v1/images/generations", dependencies=[Depends(require_api_key)])
-async def create_images(request: Request, body: ImageGenerationRequest):
+@router.post("/v1/images/generations", dependencies=PROTECTED, operation_id="create_images",
+             responses=errors(400, 413, 415, 429, 503, 504), openapi_extra=json_body(ImageGenerationRequest))
+async def create_images(request: Request) -> ImagesResponse:
     app_state = state(request)
+    body = await read_body(request, ImageGenerationRequest)
     item = image_work(app_state.settings, app_state.engine.models, body)
     request.state.log.update(model=item.model, spec=item.spec.key, seed=item.params.seed, item=item.id)
     with admission(app_state):
@@ -95,10 +132,20 @@ async def create_images(request: Request, body: ImageGenerationRequest):
 
 
 # -- videos ------------------------------------------------------------------------------------------------------
-@router.post("/v1/videos", dependencies=[Depends(require_api_key)])
+_VIDEO_LINKS = {
+    name: {"operationId": operation, "parameters": {"video_id": "$response.body#/id"}}
+    for name, operation in (("GetVideo", "get_video"), ("GetVideoContent", "get_video_content"),
+                            ("DeleteVideo", "delete_video"))
+}
+
+
+@router.post("/v1/videos", dependencies=PROTECTED, operation_id="create_video",
+             responses={**errors(400, 413, 415, 429, 503), 200: {"links": _VIDEO_LINKS}},
+             openapi_extra=json_body(VideoCreateRequest, multipart=True))
 async def create_video(request: Request) -> VideoJob:
     app_state = state(request)
-    item, fps = video_work(app_state.settings, app_state.engine.models, await read_video_body(request))
+    body = await read_body(request, VideoCreateRequest, multipart=True)
+    item, fps = video_work(app_state.settings, app_state.engine.models, body)
     with admission(app_state):
         job = await app_state.videos.submit(item, fps)
     request.state.log.update(model=item.model, spec=item.spec.key, seed=item.params.seed, job=job.id)
@@ -112,17 +159,24 @@ async def _job(app_state, video_id: str) -> VideoJob:
     return job
 
 
-@router.get("/v1/videos", dependencies=[Depends(require_api_key)])
+@router.get("/v1/videos", dependencies=PROTECTED, operation_id="list_videos", responses=errors())
 async def list_videos(request: Request) -> VideoList:
     return VideoList(data=await state(request).videos.list())
 
 
-@router.get("/v1/videos/{video_id}", dependencies=[Depends(require_api_key)])
+@router.get("/v1/videos/{video_id}", dependencies=PROTECTED, operation_id="get_video", responses=errors(400, 404))
 async def get_video(request: Request, video_id: str) -> VideoJob:
     return await _job(state(request), video_id)
 
 
-@router.get("/v1/videos/{video_id}/content", dependencies=[Depends(require_api_key)])
+class MP4Response(Response):
+    media_type = "video/mp4"
+
+
+@router.get("/v1/videos/{video_id}/content", dependencies=PROTECTED, operation_id="get_video_content",
+            response_class=MP4Response, responses={
+                **errors(400, 404, 409), 200: {"content": {"video/mp4": {"schema": {"type": "string",
+                                                                                     "format": "binary"}}}}})
 async def get_video_content(request: Request, video_id: str, variant: str = "video"):
     app_state = state(request)
     job = await _job(app_state, video_id)
@@ -131,10 +185,11 @@ async def get_video_content(request: Request, video_id: str, variant: str = "vid
     content = await app_state.videos.content(video_id)
     if job.status != "completed" or content is None:
         raise APIError(409, f"video {video_id} is not ready (status {job.status})", code="not_ready")
-    return Response(content, media_type="video/mp4")
+    return MP4Response(content)
 
 
-@router.delete("/v1/videos/{video_id}", dependencies=[Depends(require_api_key)])
+@router.delete("/v1/videos/{video_id}", dependencies=PROTECTED, operation_id="delete_video",
+               responses=errors(400, 404))
 async def delete_video(request: Request, video_id: str) -> VideoDeleted:
     """Deletes the job and stops its work, wherever it runs (see `VideoJobs.delete`)."""
     app_state = state(request)
@@ -144,41 +199,58 @@ async def delete_video(request: Request, video_id: str) -> VideoDeleted:
 
 
 # -- listings and health -----------------------------------------------------------------------------------------
-@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+@router.get("/v1/models", dependencies=PROTECTED, operation_id="list_models", responses=errors())
 async def list_models(request: Request) -> ModelList:
     app_state = state(request)
     return ModelList(data=[ModelCard(id=m, created=int(app_state.started), task=loaded.info.task,
-                                     family=loaded.info.family, default_preset=loaded.settings.default_preset)
+                                     family=loaded.info.family, default_preset=loaded.settings.default_preset,
+                                     prune_plans=list(loaded.info.prune_plans))
                            for m, loaded in app_state.engine.models.items()])
 
 
-@router.get("/v1/accelerators", dependencies=[Depends(require_api_key)])
-async def list_accelerators() -> dict:
+def _allowed(settings, spec) -> bool:
+    try:
+        settings.check_spec(parse_spec(spec))
+    except SpecError:
+        return False
+    return True
+
+
+@router.get("/v1/accelerators", dependencies=PROTECTED, operation_id="list_accelerators", responses=errors())
+async def list_accelerators(request: Request) -> dict:
+    """The methods, presets and quality levels this server allows, with each method's knobs and their limits."""
+    settings = state(request).settings
+    allowed = settings.allowed_methods
+    methods = {name: {**info, "limits": settings.method_limits.get(name, {})}
+               for name, info in method_schemas().items() if allowed is None or name in allowed}
+    presets = {name: {"description": PRESET_DESCRIPTIONS.get(name, ""), "spec": spec}
+               for name, spec in PRESETS.items() if _allowed(settings, spec)}
     return {
         "object": "list",
-        "methods": method_schemas(),
-        "presets": {name: {"description": PRESET_DESCRIPTIONS.get(name, ""), "spec": spec}
-                    for name, spec in PRESETS.items()},
-        "quality_to_preset": QUALITY_TO_PRESET,
+        "methods": methods,
+        "presets": presets,
+        "quality_to_preset": {quality: preset for quality, preset in QUALITY_TO_PRESET.items() if preset in presets},
     }
 
 
-@router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+@router.get("/health", operation_id="health")
+async def health() -> Health:
+    return Health()
 
 
-@router.get("/ready")
-async def ready(request: Request):
+@router.get("/ready", operation_id="ready",
+            responses={503: {"model": NotReady | ErrorResponse, "description": "loading, draining or failed"}})
+async def ready(request: Request) -> Ready:
     app_state = state(request)
     if app_state.load_error:
         return JSONResponse(error_body(f"model loading failed: {app_state.load_error}", "server_error"), 503)
     if not app_state.ready or app_state.scheduler.draining:
         reason = "draining" if app_state.scheduler.draining else "loading models"
-        return JSONResponse({"status": "not_ready", "reason": reason}, 503)
-    return {"status": "ready", "models": list(app_state.engine.models)}
+        return JSONResponse(NotReady(reason=reason).model_dump(), 503)
+    return Ready(models=list(app_state.engine.models))
 
 
-@router.get("/metrics")
+@router.get("/metrics", operation_id="metrics", response_class=PlainTextResponse,
+            responses={200: {"description": "Prometheus text format"}})
 async def metrics(request: Request):
     return Response(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -2,44 +2,84 @@
 
 Protocol only: no serving logic here. The video job record (`VideoJob`) is defined with the jobs it describes
 (`server.jobs`) and returned as is. Field limits that depend on settings (pixels, steps, n) are checked by the
-request normalisation (`server.api.requests`), which knows the settings.
+request normalisation (`server.api.requests`), which knows the settings. Requests are strict: a number is a JSON
+number (not "2", not true), and a form's text is converted only for multipart bodies, whose fields are text.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from server.jobs import VideoJob  # the job record is the response body as is
 
-Acceleration = str | dict[str, Any] | list[str | dict[str, Any]] | None
+MAX_SECONDS = 3600.0
+
+
+_SPEC_TEXT = {"type": "string", "maxLength": 1000, "description": "preset name, `method:key=value,...`, or JSON text"}
+_METHOD_SPEC = {"type": "object", "required": ["method"], "additionalProperties": True,
+                "properties": {"method": {"type": "string", "minLength": 1, "maxLength": 64}},
+                "description": 'one method and its knobs, e.g. {"method": "sortblock", "K": 4}'}
+
+
+def _spec_shape(value: Any) -> Any:
+    """The shapes `accel.spec.parse_spec` takes from a request; what each knob may be is checked there."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if len(items) > 16:
+        raise ValueError("at most 16 specs")
+    for item in items:
+        if not (isinstance(item, str) and len(item) <= 1000
+                or isinstance(item, dict) and isinstance(item.get("method"), str)):
+            raise ValueError("a preset name or spec text (at most 1000 characters), an object with a string "
+                             "`method`, or a list of these")
+    return value
+
+
+Acceleration = Annotated[
+    Any, AfterValidator(_spec_shape),
+    WithJsonSchema({"anyOf": [_SPEC_TEXT, _METHOD_SPEC,
+                              {"type": "array", "maxItems": 16, "items": {"anyOf": [_SPEC_TEXT, _METHOD_SPEC]}},
+                              {"type": "null"}]}),
+]
+
+
+def _seconds_text(value: Any) -> Any:
+    """OpenAI sends `seconds` as text ("4"); only plain ASCII decimals are numbers here."""
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,3})?", value):
+            raise ValueError("must be a number of seconds, e.g. 4 or '4'")
+        return float(value)
+    return value
+
+
+Seconds = Annotated[
+    float, Field(gt=0.0, le=MAX_SECONDS), BeforeValidator(_seconds_text),
+    WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": MAX_SECONDS},
+                              {"type": "string", "pattern": r"^[0-9]{1,4}(\.[0-9]{1,3})?$"}]}),
+]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    model: str | None = Field(None, description="a configured model id (default: the first configured model)")
+    model: str | None = Field(None, min_length=1, max_length=100,
+                              description="a configured model id (default: the first model of the route's task)")
     prompt: str = Field(..., min_length=1)
     negative_prompt: str | None = None
-    size: str | None = Field(None, description="WxH in pixels, or 'auto' (the model's default)")
-    num_inference_steps: int | None = Field(None, ge=1)
+    size: str | None = Field(None, pattern=r"^(auto|[1-9][0-9]{0,4}[xX][1-9][0-9]{0,4})$",
+                             description="WxH in pixels, or 'auto' (the model's default)")
+    num_inference_steps: int | None = Field(None, ge=1, le=10000)
     guidance_scale: float | None = Field(None, ge=0.0, le=50.0)
     true_cfg_scale: float | None = Field(None, ge=1.0, le=50.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="default: random; returned in the response")
-    acceleration: Acceleration = Field(None, description="preset name, method spec, or list of specs")
+    acceleration: Acceleration = Field(None, description="preset name, method spec, or list of specs (knobs per "
+                                       "method: GET /v1/accelerators)")
     timeout: float | None = Field(None, gt=0.0, le=86400.0, description="seconds before 504; default: server's")
     user: str | None = Field(None, max_length=256)
-
-    @field_validator("size")
-    @classmethod
-    def _size_format(cls, size: str | None) -> str | None:
-        if size is None or size == "auto":
-            return size
-        parts = size.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError("size must be 'WxH' (e.g. '512x512') or 'auto'")
-        return size
 
     def dimensions(self) -> tuple[int | None, int | None]:
         """(width, height) or (None, None) for the model's default."""
@@ -50,16 +90,16 @@ class _Request(BaseModel):
 
 
 class ImageGenerationRequest(_Request):
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16)
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
         None, description="maps to a preset: high=quality, medium/auto=balanced, low=fast (overridden by acceleration)"
     )
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    response_format: Literal["b64_json"] = Field("b64_json", description="images come inline as base64")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
-    style: str | None = None
-    background: str | None = None
-    moderation: str | None = None
+    style: str | None = Field(None, max_length=64)
+    background: str | None = Field(None, max_length=64)
+    moderation: str | None = Field(None, max_length=64)
 
 
 class ImageData(BaseModel):
@@ -80,8 +120,9 @@ class ImagesResponse(BaseModel):
 
 
 class VideoCreateRequest(_Request):
-    seconds: str | int | float | None = Field(None, description="clip length; frames = seconds x fps (4k+1)")
-    num_frames: int | None = Field(None, ge=1)
+    seconds: Seconds | None = Field(None, description="clip length; frames = seconds x fps, rounded to what the "
+                                    "model's VAE encodes")
+    num_frames: int | None = Field(None, ge=1, le=10000)
     fps: int | None = Field(None, ge=1, le=120)
     input_reference: Any = None
 
@@ -112,8 +153,36 @@ class ModelCard(BaseModel):
     task: str
     family: str
     default_preset: str
+    prune_plans: list[str] = Field(default_factory=list, description="plan names `prune:plan=<name>` may use")
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: list[str]
+
+
+class NotReady(BaseModel):
+    status: Literal["not_ready"] = "not_ready"
+    reason: str
