@@ -70,6 +70,13 @@ class ServerSettings(BaseSettings):
     job_poll_s: float = Field(0.25, gt=0.0, le=60.0, description="how often queued jobs check for a cancel elsewhere")
     warmup: bool = Field(True, description="run one tiny generation per model before /ready turns true")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    public_paths: list[str] = Field(
+        default_factory=lambda: ["/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
+                                 "/redoc"],
+        description="paths answered without an API key when api_keys are set (exact paths); every other needs one")
+    body_timeout_s: float = Field(20.0, gt=0.0, le=3600.0, description="time for a request's body to arrive (408)")
+    max_header_bytes: int = Field(16384, ge=1024, le=1 << 20, description="request line and headers (400 beyond)")
+    max_connections: int = Field(1024, ge=1, description="connections and requests at once (uvicorn's 503 beyond)")
 
     @field_validator("models")
     @classmethod
