@@ -79,3 +79,34 @@ def test_locust_stops_clearly_when_no_scenario_is_served(image_only_url, tmp_pat
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "no scenario left to run" in output and "no text-to-video model is served" in output, output[-3000:]
+
+
+def test_overload_soak_and_video_cancel_30s(tmp_path):
+    """`python -m loadtests.overload --serve` for about 30 s: a 10x burst over capacity (queue 8 + batch 2), a 10 s
+    soak at the batch size, and one video job deleted after its first progress."""
+    out = tmp_path / "overload"
+    command = [sys.executable, "-m", "loadtests.overload", "--serve", "--queue-size", "8", "--max-batch-size", "2",
+               "--duration-s", "10", "--sample-s", "1", "--video-cancels", "1", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "report.json").read_text())
+    assert result.returncode == 0 and report["ok"], result.stdout[-4000:] + result.stderr[-2000:]
+    burst, soak, video = report["burst"], report["soak"], report["video_cancel"]
+    # a request that never got an answer, or an answer given twice (or to another request's id)
+    for phase in (burst, soak):
+        assert phase["lost"] == 0 and phase["duplicated"] == 0 and phase["misrouted"] == 0, phase
+        assert phase["server_errors"] == 0 and phase["unlogged"] == 0, phase
+    # admission: 100 requests for room 10 must meet 429 (a queue that grows without bound would serve them all),
+    # refused at once (server-side time, not after waiting for the queue) and with Retry-After
+    assert burst["requests"] == 100 and burst["served"] + burst["rejected_429"] == 100 and burst["other"] == 0
+    assert burst["served"] >= 8 and burst["rejected_429"] >= 50, burst
+    assert burst["time_to_429_ms"]["source"] == "server access log" and burst["time_to_429_ms"]["p99"] < 2000
+    assert burst["missing_retry_after"] == 0
+    # the soak at capacity: every request served; per-request leaks of fds or threads would grow with its count
+    assert soak["served"] == soak["requests"] > 10, soak
+    assert soak["process"]["fds"]["growth"] <= 16 and soak["process"]["threads"]["growth"] <= 8, soak["process"]
+    assert len(soak["samples"]) >= 5
+    # DELETE stops the work: the device is free long before the job's remaining steps would have run
+    cancel = video["cancels"][0]
+    assert cancel["delete_status"] == 200 and cancel["get_after_delete"] == 404, cancel
+    assert cancel["busy_after_delete_ms"] < cancel["steps_left_ms"], (cancel, video["step_ms"])
+    assert "## Burst" in (out / "report.md").read_text()
