@@ -1,18 +1,22 @@
-"""The FastAPI application: state, middleware (request id, body limit, access log, metrics), lifespan
-(background model loading, scheduler, video-job watcher, drain on shutdown), and `serve()` for `accel-server`."""
+"""The FastAPI application: state, middleware (request id, access log, metrics; then `server.api.guard`: API key,
+body size and time), lifespan (background model loading, scheduler, video-job watcher), the drain on SIGTERM, and
+`serve()` for `accel-server`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import re
 import secrets
+import signal
 import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -26,6 +30,7 @@ from server.api.errors import (
     job_error,
     validation_error_handler,
 )
+from server.api.guard import Exchange, Guard
 from server.api.openapi import openapi_document
 from server.api.routes import router
 from server.engine import Engine
@@ -47,6 +52,7 @@ class AppState:
     ready: bool = False
     load_error: str | None = None
     started: float = field(default_factory=time.time)
+    exchanges: set[Exchange] = field(default_factory=set)  # requests in flight (the guard keeps it)
     on_fatal: Callable[[], None] | None = None  # called when models fail to load (serve() stops the process)
 
     def retry_after(self) -> int:
@@ -88,22 +94,29 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
 
-    app.add_middleware(AccessMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(Guard, settings=settings, exchanges=app_state.exchanges)
+    app.add_middleware(AccessMiddleware, metrics=metrics)  # outermost: logs the guard's refusals
     return app
+
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 class AccessMiddleware:
     """Pure ASGI middleware (Starlette's BaseHTTPMiddleware would hide client disconnects from the routes):
-    request id, body size limit, one JSON log line per request, request counter, last-resort 500."""
+    request id, one JSON log line per request, request counter, last-resort 500. Headers are read as latin-1
+    (HTTP allows any byte in a value), and a client's X-Request-ID is echoed only when it is a plain token."""
 
-    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-        request_id = headers.get("x-request-id") or secrets.token_hex(8)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        request_id = headers.get("x-request-id", "")
+        if not REQUEST_ID.fullmatch(request_id):
+            request_id = secrets.token_hex(8)
         scope.setdefault("state", {})["log"] = {}
         start = time.perf_counter()
         status = {"code": 500, "started": False}
@@ -114,20 +127,14 @@ class AccessMiddleware:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            response = JSONResponse(error_body(f"request body larger than {self.settings.max_body_bytes} bytes",
-                                               "invalid_request_error"), status_code=413)
-            await response(scope, receive, send_with_id)
-        else:
-            try:
-                await self.app(scope, receive, send_with_id)
-            except Exception as exc:  # noqa: BLE001 - last resort: a 500 with the id, the server keeps serving
-                log.exception("unhandled error %s", request_id)
-                self.metrics.errors.labels(type(exc).__name__).inc()
-                if not status["started"]:
-                    response = JSONResponse(error_body(f"internal error (request id {request_id})", "server_error"), 500)
-                    await response(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - last resort: a 500 with the id, the server keeps serving
+            log.exception("unhandled error %s", request_id)
+            self.metrics.errors.labels(type(exc).__name__).inc()
+            if not status["started"]:
+                response = JSONResponse(error_body(f"internal error (request id {request_id})", "server_error"), 500)
+                await response(scope, receive, send_with_id)
         endpoint = getattr(scope.get("route"), "path", "unmatched")
         self.metrics.requests.labels(endpoint, str(status["code"])).inc()
         if endpoint not in ("/health", "/ready", "/metrics"):
@@ -151,19 +158,73 @@ async def _load_models(app_state: AppState) -> None:
             app_state.on_fatal()
 
 
-def serve(settings: ServerSettings) -> int:
-    """Run the server until SIGTERM/SIGINT; uvicorn drains connections, our lifespan drains the queue."""
-    import uvicorn
+async def drain(app_state: AppState) -> None:
+    """The first SIGTERM/SIGINT: admit no new work (routes answer 503 and `/ready` says draining, while the listener
+    stays open), let admitted work and the requests already in flight finish for up to `shutdown_grace_s`, answer
+    those still waiting 503 with Retry-After, then cancel the work that is left."""
+    scheduler, exchanges = app_state.scheduler, app_state.exchanges
+    scheduler.draining = True
+    log.info(json.dumps({"event": "draining", "grace_s": app_state.settings.shutdown_grace_s}))
+    earlier = set(exchanges)
+    end = time.monotonic() + app_state.settings.shutdown_grace_s
+    while (scheduler.pending or scheduler.running or earlier & exchanges) and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    for exchange in list(exchanges):
+        await exchange.refuse(503, "the server shut down before this request finished; retry", "server_error",
+                              "shutting_down", headers={"Retry-After": "5"})
+    await scheduler.drain(0)
 
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain: the first SIGTERM/SIGINT starts `drain` and stops uvicorn once it is done
+    (exit status 0; uvicorn alone stops listening at once and re-raises the signal on exit); a second signal is
+    uvicorn's own (stop now; force on a third). HTTP/1.1 by h11, whose header limit httptools lacks."""
+
+    WIND_DOWN_S = 5  # after the drain every request has its answer; tasks still winding down get this long
+
+    def __init__(self, app: FastAPI, settings: ServerSettings):
+        super().__init__(uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
+            timeout_graceful_shutdown=self.WIND_DOWN_S, http="h11",
+            h11_max_incomplete_event_size=settings.max_header_bytes, limit_concurrency=settings.max_connections))
+        self.app_state: AppState = app.state.accel
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_requested = False
+        self.drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.loop is None or self.drain_requested or self.should_exit:
+            return super().handle_exit(sig, frame)
+        self.drain_requested = True
+        self.loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self.drain_task = self.loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            await drain(self.app_state)
+        finally:
+            self.should_exit = True
+
+    def stop(self) -> None:
+        """What SIGTERM does, from any thread (tests run the server in a thread, where signals do not reach)."""
+        self.handle_exit(signal.SIGTERM, None)
+
+
+def serve(settings: ServerSettings) -> int:
+    """Run the server until SIGTERM/SIGINT, drain (`drain`), exit 0; 1 when the models fail to load."""
     logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr, format="%(message)s")
     try:
         app = create_app(settings)
     except SettingsError as exc:  # e.g. job_store=redis and Redis does not answer
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None, access_log=False)
-    server = uvicorn.Server(config)
+    server = DrainingServer(app, settings)
     failed = []
 
     def fatal() -> None:
