@@ -36,7 +36,7 @@ def num_blocks(length: int, block_size: int) -> int:
     return -(-length // block_size)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: "torch.Tensor | KVBlocks", block_size: int) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: "torch.Tensor | KVBlocks", block_size: int):
     if q.dim() != 4 or q.shape != k.shape or k.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v must be (B, H, L, D) with equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, length, _ = q.shape
@@ -48,7 +48,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blocks: "torch.Ten
                 f"{tuple(blocks.counts.shape)} blocks of {blocks.block_size} over {blocks.length}"
             )
     elif blocks.dtype != torch.bool or tuple(blocks.shape) != (b, h, nb, nb):
-        raise ValueError(f"kv_block_mask must be bool of shape {(b, h, nb, nb)}, got {blocks.dtype} {tuple(blocks.shape)}")
+        raise ValueError(
+            f"kv_block_mask must be bool of shape {(b, h, nb, nb)}, got {blocks.dtype} {tuple(blocks.shape)}"
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

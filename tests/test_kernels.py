@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import KVBlocks, block_importance, block_sparse_attention, dense_lse, mask_to_kv_blocks, reference_attention
+from kernels import (
+    KVBlocks,
+    block_importance,
+    block_sparse_attention,
+    dense_lse,
+    mask_to_kv_blocks,
+    reference_attention,
+)
 from kernels.block_sparse import reference_importance, resolve_backend, triton_available
 
 CHILD = os.environ.get("ACCEL_TRITON_CHILD") == "1"

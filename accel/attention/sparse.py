@@ -4,10 +4,16 @@ Per targeted self-attention call (FLUX: the joint [text, image] attention of eve
 self-attention over video tokens; Wan's cross-attention `attn2` stays dense):
 - steps before the first search step: dense, through the model's own attention dispatch (bit-identical);
 - a search step: the block importance of every (query block, key block) per head (`search.py`), then top-k
-  masks with head-adaptive budgets; the first exact search runs a dense pass with LSE (its output is the step's
-  attention output) and caches the LSE per layer and CFG branch, later searches reuse that LSE (one pass);
-- other sparse steps: the last masks, through `kernels.block_sparse_attention` (Triton on GPU, compiled flex on
-  CPU).
+  masks with head-adaptive budgets over the non-text key blocks; the first exact search runs a dense pass with
+  LSE (its output is the step's attention output) and caches the LSE per layer and CFG branch, later searches
+  reuse that LSE (one pass);
+- other sparse steps: the last search's kept blocks, through `kernels.block_sparse_attention` (Triton on GPU,
+  compiled flex on CPU). A search stores them as index lists (`kernels.KVBlocks`: counts and indices, int32, as
+  wide as the fullest row; the flex `BlockMask` too when flex runs), and their count as a Python int: a sparse
+  call neither sorts, nor rebuilds a mask, nor waits on the device to count its work;
+- nothing to skip (fewer than 3 blocks, or no non-sink key block the sparsest head would drop, e.g. 32 tokens in
+  blocks of 64, or sparsity 0): dense through the model's own attention, with no search and no flex compilation
+  (`dense_fallback_calls`, `dense_fallback_reason`).
 Schedule: dense for the first `dense_steps`; searches at `search_steps` (default: the first sparse step and 0.6
 of the steps, i.e. 10 and 30 of 50); state per CFG branch (the session's `ctx.branch`) and per layer.
 
@@ -33,7 +39,7 @@ from accel.attention.routing import AttentionRoutingHook
 from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.errors import UnsupportedModelError
 from accel.session import AccelSession
-from kernels import block_sparse_attention, num_blocks
+from kernels import KVBlocks, block_sparse_attention, num_blocks, resolve_backend
 
 SPARSE_HOOK = "accel_sparse_attention"
 
@@ -43,7 +49,10 @@ class SparseAttentionConfig(MethodConfig):
     searches at the first sparse step and at 30 of 50, head-adaptive on, blocks of 64)."""
 
     method: Literal["sparse_attention"] = "sparse_attention"
-    sparsity: float = Field(0.8, ge=0.0, lt=1.0, description="Base share of key blocks dropped per query row (0-1).")
+    sparsity: float = Field(
+        0.8, ge=0.0, lt=1.0,
+        description="Base share of the non-text key blocks dropped per query row (0-1); text blocks are always kept.",
+    )
     block_size: Literal[16, 32, 64, 128] = Field(64, description="Tokens per query/key block: 16, 32, 64 or 128.")
     dense_steps: float = Field(
         0.2, ge=0.0, description="Dense steps at the start: a count (integer >= 1) or a fraction of the steps (< 1)."
@@ -127,12 +136,14 @@ class SparseCounters(Counters):
     search_seconds: float = 0.0
     search_steps: list[int] = field(default_factory=list)
     sparse_calls: int = 0
-    dense_calls: int = 0
+    dense_calls: int = 0  # calls run dense: before the first search, a first search's dense pass, and fallbacks
+    dense_fallback_calls: int = 0  # sparse steps run dense because the layout leaves nothing to skip
+    dense_fallback_reason: str = ""  # why, at the last such call
 
 
 @dataclass
 class LayerState:
-    mask: torch.Tensor | None = None  # (B, H, nb, nb) bool, reused until the next search
+    blocks: KVBlocks | None = None  # the last search's kept blocks, reused until the next search
     lse: torch.Tensor | None = None  # (B, H, L) float32, from the first exact search
 
 
@@ -174,32 +185,41 @@ class SparseRouter:
         self_attention = plain and query.shape == key.shape and key.shape[:3] == value.shape[:3]
         if not self_attention or ctx is None:
             return self.original(query, key, value, attn_mask, *args, **kwargs)
-        bs = self.config.block_size
+        config, counters = self.config, self.counters
         b, length, h, _ = query.shape
-        nb = num_blocks(length, bs)
-        counters = self.counters
-        counters.attention_blocks_total += b * h * nb * nb
+        nb = num_blocks(length, config.block_size)
+        full = b * h * nb * nb
+        counters.attention_blocks_total += full
         if not self.schedule.sparse(ctx.step_index):
-            counters.attention_blocks_computed += b * h * nb * nb
-            counters.dense_calls += 1
-            return self.original(query, key, value, attn_mask, *args, **kwargs)
+            return self._dense(full, query, key, value, attn_mask, *args, **kwargs)
+        n_sink = min(search.sink_blocks(self.text_len, config.block_size), nb) if self.text_first else 0
+        reason = search.dense_reason(nb, n_sink, config.sparsity, config.head_adaptive, h)
+        if reason:
+            counters.dense_fallback_calls += 1
+            counters.dense_fallback_reason = reason
+            return self._dense(full, query, key, value, attn_mask, *args, **kwargs)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, L, D)
         layer = self.state.get_state().layers.setdefault(self.layer, LayerState())
         out = None
-        if ctx.step_index in self.schedule.searches or layer.mask is None or layer.mask.shape[0] != b:
-            out = self._search(layer, q, k, v, ctx)
+        if ctx.step_index in self.schedule.searches or layer.blocks is None or layer.blocks.counts.shape != (b, h, nb):
+            out = self._search(layer, q, k, v, ctx, n_sink)
         if out is None:
-            out, _ = block_sparse_attention(q, k, v, layer.mask, bs, backend=self.config.backend, need_lse=False)
-            counters.attention_blocks_computed += int(layer.mask.sum())
+            out, _ = block_sparse_attention(q, k, v, layer.blocks, backend=config.backend, need_lse=False)
+            counters.attention_blocks_computed += layer.blocks.kept
             counters.sparse_calls += 1
         else:
-            counters.attention_blocks_computed += b * h * nb * nb
+            counters.attention_blocks_computed += full
             counters.dense_calls += 1
         return out.transpose(1, 2).to(query.dtype)
 
+    def _dense(self, full: int, *args, **kwargs):
+        self.counters.attention_blocks_computed += full
+        self.counters.dense_calls += 1
+        return self.original(*args, **kwargs)
+
     @torch.compiler.disable
-    def _search(self, layer: LayerState, q, k, v, ctx) -> torch.Tensor | None:
-        """New masks for this layer and branch; returns the dense output when the search computed one."""
+    def _search(self, layer: LayerState, q, k, v, ctx, n_sink: int) -> torch.Tensor | None:
+        """New kept blocks for this layer and branch; returns the dense output when the search computed one."""
         config, bs = self.config, self.config.block_size
         start = time.perf_counter()
         out = None
@@ -213,11 +233,11 @@ class SparseRouter:
                 self.counters.dense_searches += 1
             else:
                 self.counters.lse_cached_searches += 1
-        n_sink = search.sink_blocks(self.text_len, bs) if self.text_first else 0
-        n_sink = min(n_sink, weights.shape[-1])
         sparsity, _ = search.head_sparsities(weights, config.sparsity, n_sink, config.head_adaptive,
                                              config.recall_threshold)
-        layer.mask = search.select_blocks(weights, sparsity, n_sink)
+        layer.blocks = KVBlocks.from_mask(search.select_blocks(weights, sparsity, n_sink), q.shape[2], bs)
+        if resolve_backend(config.backend, q.device) == "flex":
+            layer.blocks.flex_block_mask()  # built here, once per search, not in the next sparse call
         if q.is_cuda:  # time the search's kernels, not their launch
             torch.cuda.synchronize(q.device)
         self.counters.searches += 1
