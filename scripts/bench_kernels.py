@@ -5,7 +5,9 @@ over dense SDPA, per (L, D, sparsity), median of interleaved runs. Writes kernel
     python scripts/bench_kernels.py --lengths 4096 16384 32768 --heads 8 --out out/bench-kernels-long
 
 Masks: random top-k per query row at the given sparsity, k = round((1 - s) * nb) for every row (the shape
-AdaSpa produces), fixed seed. On CPU the first call of each shape compiles (not timed: one warm-up per case).
+AdaSpa produces), fixed seed. Each mask becomes `KVBlocks` once, before timing (its flex BlockMask on first use),
+as sparse_attention does once per search: a timed call is the kernel alone. On CPU the first call of each shape
+compiles (not timed: one warm-up per case).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import block_sparse_attention, num_blocks  # noqa: E402
+from kernels import KVBlocks, block_sparse_attention, num_blocks  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -80,10 +82,11 @@ def main(argv=None) -> int:
                 q, k, v = (torch.randn(1, args.heads, length, d, device=device, dtype=dtype) for _ in range(3))
                 nb = num_blocks(length, args.block_size)
                 masks = {s: topk_mask(1, args.heads, nb, s, device) for s in args.sparsities}
+                blocks = {s: KVBlocks.from_mask(m, length, args.block_size) for s, m in masks.items()}
                 dense = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
                 sparse = {
-                    s: (lambda m=m: block_sparse_attention(q, k, v, m, args.block_size, backend=args.backend, need_lse=False))
-                    for s, m in masks.items()
+                    s: (lambda kv=kv: block_sparse_attention(q, k, v, kv, backend=args.backend, need_lse=False))
+                    for s, kv in blocks.items()
                 }
                 compile_s = timed(sparse[args.sparsities[0]], sync)  # warm-up: compiles the shape
                 for fn in (dense, *sparse.values()):
