@@ -1,5 +1,8 @@
 """`accel-server` and `python -m server`: the HTTP server's own entry point. `accel serve` forwards here; the
-`accel` library never imports the server (it needs the `server` extra: fastapi, uvicorn, prometheus-client)."""
+`accel` library never imports the server (it needs the `server` extra: fastapi, uvicorn, prometheus-client).
+
+Exit status: 0 after SIGTERM/SIGINT and the drain (`server.app.drain`), 1 when the models fail to load, 2 for bad
+settings."""
 
 from __future__ import annotations
 
