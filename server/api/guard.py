@@ -39,6 +39,15 @@ def authorised(settings: ServerSettings, path: str, authorization: str | bytes) 
     return any(matches)
 
 
+def body_error(status: int, message: str, code: str) -> dict:
+    """A refusal of the body (`send_error`'s arguments)."""
+    return {"status": status, "message": message, "type": "invalid_request_error", "code": code}
+
+
+def too_large(limit: int) -> dict:
+    return body_error(413, f"request body larger than {limit} bytes", "body_too_large")
+
+
 async def send_error(send, status: int, message: str, type: str, code: str | None = None,
                      headers: dict[str, str] | None = None) -> None:
     """A complete JSON error response that also closes the connection."""
@@ -70,18 +79,15 @@ class Exchange:
         try:
             message = await asyncio.wait_for(self._receive(), max(0.0, self.deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            raise self._refuse_body(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s",
-                                    "body_timeout") from None
+            self.refusal = body_error(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s",
+                                      "body_timeout")
+            raise Refused() from None
         self.body_done = message["type"] != "http.request" or not message.get("more_body", False)
         self.received += len(message.get("body", b""))
         if self.received > self.settings.max_body_bytes:
-            raise self._refuse_body(413, f"request body larger than {self.settings.max_body_bytes} bytes",
-                                    "body_too_large")
+            self.refusal = too_large(self.settings.max_body_bytes)
+            raise Refused()
         return message
-
-    def _refuse_body(self, status: int, message: str, code: str) -> Refused:
-        self.refusal = {"status": status, "message": message, "type": "invalid_request_error", "code": code}
-        return Refused()
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -125,8 +131,7 @@ class Guard:
                                     "authentication_error", headers={"WWW-Authenticate": "Bearer"})
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            return await send_error(send, 413, f"request body larger than {self.settings.max_body_bytes} bytes",
-                                    "invalid_request_error", "body_too_large")
+            return await send_error(send, **too_large(self.settings.max_body_bytes))
         exchange = Exchange(receive, send, self.settings)
         self.exchanges.add(exchange)
         try:
