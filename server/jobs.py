@@ -321,6 +321,10 @@ class VideoJobs:
                 final = {"status": "completed", "progress": 100, "acceleration": result.report}
         except Cancelled:
             final = {"status": "cancelled"}
+        except asyncio.CancelledError:  # the server is stopping: the record says so instead of staying queued
+            writer.write(completed_at=int(time.time()), status="failed",
+                         error={"code": "shutdown", "message": "the server stopped before the job finished"})
+            raise
         except BaseException as exc:  # noqa: BLE001 - a failed job records its error; the server keeps serving
             final = {"status": "failed", "error": self.describe_error(exc, job_id)}
         finally:

@@ -227,6 +227,8 @@ class Scheduler:
                 self._finish(item, exc=Cancelled())
             elif item.expired():
                 self._finish(item, exc=DeadlineExceeded())
+            elif result.interrupted:  # stopped with nothing decoded (should_stop said so): never an empty answer
+                self._finish(item, exc=Cancelled())
             else:
                 self._finish(item, result=result)
 

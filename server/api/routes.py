@@ -47,6 +47,7 @@ _ERRORS = {
     400: "invalid request: `error.param` names the field",
     401: "missing or invalid API key",
     404: "no such video job",
+    408: "the request body did not arrive within `body_timeout_s`",
     409: "the video is not ready",
     413: "request body larger than `max_body_bytes`",
     415: "the body is not JSON (or, for videos, multipart/form-data)",
@@ -57,8 +58,10 @@ _ERRORS = {
 
 
 def errors(*codes: int) -> dict:
-    """OpenAPI responses for these error statuses (every route may also answer 401)."""
-    return {code: {"model": ErrorResponse, "description": _ERRORS[code]} for code in sorted({401, *codes})}
+    """OpenAPI responses for these error statuses (every route may also answer 401); always JSON, whatever the
+    route's own media type."""
+    content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {code: {"description": _ERRORS[code], "content": content} for code in sorted({401, *codes})}
 
 
 def json_body(schema: type, *, multipart: bool = False) -> dict:
@@ -99,7 +102,7 @@ def admission(app_state) -> Iterator[None]:
 
 # -- images ------------------------------------------------------------------------------------------------------
 @router.post("/v1/images/generations", dependencies=PROTECTED, operation_id="create_images",
-             responses=errors(400, 413, 415, 429, 503, 504), openapi_extra=json_body(ImageGenerationRequest))
+             responses=errors(400, 408, 413, 415, 429, 503, 504), openapi_extra=json_body(ImageGenerationRequest))
 async def create_images(request: Request) -> ImagesResponse:
     app_state = state(request)
     body = await read_body(request, ImageGenerationRequest)
@@ -140,7 +143,7 @@ _VIDEO_LINKS = {
 
 
 @router.post("/v1/videos", dependencies=PROTECTED, operation_id="create_video",
-             responses={**errors(400, 413, 415, 429, 503), 200: {"links": _VIDEO_LINKS}},
+             responses={**errors(400, 408, 413, 415, 429, 503), 200: {"links": _VIDEO_LINKS}},
              openapi_extra=json_body(VideoCreateRequest, multipart=True))
 async def create_video(request: Request) -> VideoJob:
     app_state = state(request)

@@ -124,7 +124,7 @@ class VideoCreateRequest(_Request):
                                     "model's VAE encodes")
     num_frames: int | None = Field(None, ge=1, le=10000)
     fps: int | None = Field(None, ge=1, le=120)
-    input_reference: Any = None
+    input_reference: Annotated[Any, WithJsonSchema({"type": "null", "description": "not supported (image-to-video)"})] = None
 
     @field_validator("input_reference")
     @classmethod
