@@ -34,6 +34,8 @@ class ModelAdapter:
         where no attention method supports the family yet.
     text_first: whether text tokens lead that attention's sequence (FLUX's joint [text, image] attention).
     mag_ratios: published per-step magnitude ratios of the family's reference checkpoint (MagCache's default).
+    skip_layers_argument: the transformer's argument naming blocks it skips by itself (SD3's skip-layer guidance):
+        those are not counted as block forwards a plain run makes.
     """
 
     family: str
@@ -46,6 +48,7 @@ class ModelAdapter:
     self_attention: str | None = None
     text_first: bool = False
     mag_ratios: tuple[float, ...] | None = None
+    skip_layers_argument: str | None = None  # the transformer's argument listing blocks it skips itself (SD3's SLG)
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
@@ -120,6 +123,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             stacks=("transformer_blocks",),
             cfg_layout="batch",
             task="text-to-image",
+            skip_layers_argument="skip_layers",
         ),
     )
 }

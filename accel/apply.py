@@ -21,13 +21,14 @@ def accelerate(pipe: Any, spec: Any = None, *, seed: int | None = None) -> Itera
 
     `spec` is anything `accel.spec.parse_spec` takes: None or [] (no acceleration), a config, a dict, JSON, a
     `method:key=value` shorthand, a preset name, or a list of those; an already parsed `AccelSpec` is used as is.
-    Use one `with` block per pipeline call. `seed` is the request's seed: methods that draw random numbers use it,
-    so a request is reproducible.
+    Every pipeline call inside the block is accelerated, each with fresh state; the report gives the totals and
+    each call (`report.calls`). `seed` is the request's seed: methods that draw random numbers use it, so a request
+    is reproducible.
     """
     configs = parse_spec(spec)
     session = AccelSession(pipe, [(METHODS[config.method], config) for config in configs], seed=seed)
     try:
         session.attach()
-        yield session.report
+        yield session.total
     finally:
         session.detach()

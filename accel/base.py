@@ -8,7 +8,7 @@ which they are applied; `accel/session.py` runs them for one pipeline call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -43,6 +43,17 @@ class Counters:
     that runs such passes declares it as a field."""
 
     extra_forwards: ClassVar[int] = 0
+
+    def add(self, other: "Counters") -> None:
+        """Add another call's counts to these (the totals of an `accelerate` block): numbers add up, lists are
+        concatenated, except fields marked `metadata={"total": "union"}` (e.g. the blocks a plan prunes)."""
+        for spec in fields(self):
+            mine, theirs = getattr(self, spec.name), getattr(other, spec.name)
+            if isinstance(mine, list):
+                union = spec.metadata.get("total") == "union"
+                mine.extend(v for v in theirs if not (union and v in mine))
+            elif isinstance(mine, (int, float)) and not isinstance(mine, bool):
+                setattr(self, spec.name, mine + theirs)
 
 
 @dataclass

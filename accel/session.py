@@ -1,30 +1,39 @@
-"""The session of one accelerated pipeline call: what every method builds on.
+"""The session of an `accelerate` block: what every method builds on.
 
-How one call runs (`accel.apply.accelerate` creates the session with the resolved methods):
-1. `attach()`: the pipeline's call is wrapped so its arguments are recorded (`call_kwargs`), methods that patch the
-   pipeline itself (`Method.at_attach`) are applied, and a `StepTracker` hook goes on the transformer. Nothing
-   else changes yet, so a pipeline that is never called inside the block is left as it was.
-2. First denoiser call (`start()`): the call's plan is read from the scheduler (steps, timesteps, sigmas), a
-   counting hook goes on every block (innermost, so it counts real block executions only) and the methods are
-   applied in application order (`accel/methods.py`).
-3. Every denoiser call: the tracker derives the step index and the CFG branch — also for pipelines that set no
-   cache context (SD3, PixArt) or one without step information (FLUX) — sets a full diffusers `CacheContext` for
-   the call (so our per-branch state *and* diffusers' own caches find state keyed on the step index), and runs the
-   methods' call hooks around the transformer's forward.
-4. `detach()`: every hook is removed in reverse order, the transformer's `forward` and child order restored, the
-   pipeline's class put back, and all state dropped: the next call starts clean.
+How it runs (`accel.apply.accelerate` creates the session with the resolved methods):
+1. `attach()`: the pipeline's call is wrapped so that each call is seen (its arguments are recorded in
+   `call_kwargs`), methods that patch the pipeline itself (`Method.at_attach`) are applied, and a `StepTracker`
+   hook goes on each transformer (Wan 2.2 has two: `transformer`, `transformer_2`). Nothing else changes yet, so a
+   pipeline that is never called inside the block is left as it was.
+2. Every pipeline call inside the block is accelerated with fresh state: at its first denoiser call (`start()`)
+   the plan is read from the scheduler (steps, timesteps, sigmas), a counting hook goes on every block (innermost,
+   so it counts real block executions only) and the methods are applied in application order
+   (`accel/methods.py`); when the call returns (`end_call()`) their hooks and state are removed and the call's
+   report is added to the block's totals. A transformer called directly (no pipeline call) opens a call that ends
+   with the block.
+3. Every denoiser call: the tracker derives the step index and the branch, sets a full diffusers `CacheContext`
+   for the call (so our per-branch state *and* diffusers' own caches find state keyed on the step index), and
+   runs the methods' call hooks around the transformer's forward.
+4. `detach()`: every hook is removed in reverse order, the transformers' `forward` and child order restored, the
+   pipeline's class put back, and all state dropped.
 
-Step derivation: the pipeline's own `step_index` when its context gives one (Wan); otherwise a new step starts
-whenever the timestep passed to the transformer changes (the cond and uncond calls of one step share it).
+Steps: the pipeline's own `step_index` when its context gives one (Wan); otherwise a new step starts whenever the
+timestep passed to the transformer changes (all calls of one step share it).
+Branches (one state per branch): the pipeline's context name when it sets one (FLUX text-to-image, Wan); otherwise
+by the call's order inside its step: FLUX-family pipelines without a context (img2img, inpaint, Kontext, Fill, ...)
+call cond then uncond (true CFG); a batched-CFG pipeline (SD3) calls cat([uncond, cond]) ("batch"); any further
+call of a step (SD3's skip-layer guidance) is an extra branch of its own (`extra1`, ...). Calls of a second
+transformer get their own branches (`cond@transformer_2`). `StepContext.guidance` gives the role of the call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -37,6 +46,7 @@ from accel.models.pipelines import fill_model_defaults
 
 TRACKER_HOOK = "accel_step_tracker"
 COUNTER_HOOK = "accel_block_counter"
+TRANSFORMERS = ("transformer", "transformer_2")  # pipeline attributes that hold a denoiser, in stage order
 _UNSET = object()
 
 
@@ -66,10 +76,12 @@ class StepContext:
     """Where the denoising loop is at the current transformer call."""
 
     step_index: int
-    branch: str  # "cond", "uncond", or the pipeline's own context name; "batch" for cat([uncond, cond]) calls
+    branch: str  # the state key: "cond", "uncond", "batch" (cat([uncond, cond])), "extra1", ...; "@transformer_2"
     timestep: float  # 0..1000 scale, from the scheduler's plan when available
     sigma: float | None
     num_steps: int
+    guidance: Literal["cond", "uncond", "batch", "extra"] = "cond"  # the call's role in the guidance combine
+    transformer: str = "transformer"  # the pipeline attribute of the transformer being called
 
     def cache_context(self, name: str | None = None) -> CacheContext:
         """The diffusers `CacheContext` of this call (under another name, e.g. for a side pass)."""
@@ -79,7 +91,8 @@ class StepContext:
 
 @dataclass
 class AccelReport:
-    """What the accelerators did in one call. Counts are exact: they do not depend on the machine."""
+    """What the accelerators did: for one pipeline call, or the totals of an `accelerate` block with each call in
+    `calls`. Counts are exact: they do not depend on the machine."""
 
     methods: list[str]
     steps: int = 0
@@ -87,6 +100,7 @@ class AccelReport:
     blocks_total: dict[str, int] = field(default_factory=dict)  # block forwards a plain run makes, per stack
     blocks_computed: dict[str, int] = field(default_factory=dict)  # block forwards actually executed, per stack
     details: dict[str, Counters] = field(default_factory=dict)  # each method's own counters
+    calls: list["AccelReport"] = field(default_factory=list)  # per pipeline call (totals only)
 
     @property
     def extra_forwards(self) -> int:
@@ -98,8 +112,22 @@ class AccelReport:
         total = sum(self.blocks_total.values())
         return sum(self.blocks_computed.values()) / total if total else 1.0
 
+    def add(self, call: "AccelReport") -> None:
+        """Add one call's report to these totals."""
+        self.steps += call.steps
+        self.transformer_calls += call.transformer_calls
+        for mine, theirs in ((self.blocks_total, call.blocks_total), (self.blocks_computed, call.blocks_computed)):
+            for stack, count in theirs.items():
+                mine[stack] = mine.get(stack, 0) + count
+        for name, counters in call.details.items():
+            if name in self.details:
+                self.details[name].add(counters)
+            else:
+                self.details[name] = copy.deepcopy(counters)
+        self.calls.append(call)
+
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "methods": list(self.methods),
             "steps": self.steps,
             "transformer_calls": self.transformer_calls,
@@ -115,17 +143,21 @@ class AccelReport:
             "extra_forwards": self.extra_forwards,
             "details": {name: asdict(counters) for name, counters in self.details.items()},
         }
+        if len(self.calls) > 1:
+            data["pipeline_calls"] = len(self.calls)
+            data["per_call"] = [call.as_dict() for call in self.calls]
+        return data
 
 
 class _BlockCounterHook(ModelHook):
     """Innermost hook on a block: counts executions of the block's real forward."""
 
-    def __init__(self, report: AccelReport, stack: str):
+    def __init__(self, session: "AccelSession", stack: str):
         super().__init__()
-        self.report, self.stack = report, stack
+        self.session, self.stack = session, stack
 
     def pre_forward(self, module, *args, **kwargs):
-        self.report.blocks_computed[self.stack] += 1
+        self.session.report.blocks_computed[self.stack] += 1
         return args, kwargs
 
 
@@ -135,7 +167,7 @@ class _NoState(BaseState):
 
 
 class _StepTrackerHook(ModelHook):
-    """Outermost hook on the transformer: starts the session and sets a full cache context for each call.
+    """Outermost hook on a transformer: starts the call's methods and sets a full cache context for each call.
 
     It is "stateful" only so that the context a pipeline sets with `transformer.cache_context(...)` reaches its
     `StateManager`, which is how it reads the branch name (and Wan's step index).
@@ -143,9 +175,9 @@ class _StepTrackerHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, session: "AccelSession"):
+    def __init__(self, session: "AccelSession", name: str):
         super().__init__()
-        self.session = session
+        self.session, self.name = session, name
         self.pipeline_context = StateManager(_NoState)
 
     def reset_state(self, module):
@@ -153,39 +185,47 @@ class _StepTrackerHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         session = self.session
+        if session.report is None:  # the transformer called outside a pipeline call
+            session.begin_call(None)
         if not session.started:
             session.start()
         outer = self.pipeline_context._context
-        ctx = session.tracker.advance(outer, kwargs.get("timestep"))
+        ctx = session.tracker.advance(outer, kwargs.get("timestep"), self.name)
         report = session.report
         report.transformer_calls += 1
         report.steps = max(report.steps, ctx.step_index + 1)
-        for stack, size in session.stack_sizes.items():
-            report.blocks_total[stack] += size
-        session.enter_call(ctx)
+        for stack in session.stacks_of[self.name]:
+            report.blocks_total[stack] += session.stack_sizes[stack]
+        skip = session.adapter.skip_layers_argument
+        if skip and kwargs.get(skip):  # blocks the transformer skips itself (SD3's skip-layer guidance call)
+            report.blocks_total[session.stacks_of[self.name][0]] -= len(kwargs[skip])
+        session.enter_call(ctx, module)
         call = functools.partial(self.fn_ref.original_forward, *args, **kwargs)
         for around in session.call_hooks:  # first registered = innermost
             call = functools.partial(around, ctx, call)
         try:
             return call()
         finally:
-            session.exit_call(outer)
+            session.exit_call(outer, module)
 
 
 class StepTracker:
-    """Derives (step, branch) for every transformer call of one pipeline call."""
+    """Derives (step, branch, guidance role) for every transformer call of one pipeline call."""
 
     def __init__(self, session: "AccelSession"):
         self.session = session
         self.step_index = -1
+        self.order = 0  # calls so far in the current step
         self._last_timestep: float | None = None
 
-    def advance(self, outer: CacheContext | None, timestep: Any) -> StepContext:
+    def advance(self, outer: CacheContext | None, timestep: Any, transformer: str = "transformer") -> StepContext:
         value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
+        previous = self.step_index
         if outer is not None and outer.step_index is not None:
             self.step_index = int(outer.step_index)
         elif value is None or value != self._last_timestep:
             self.step_index += 1
+        self.order = 0 if self.step_index != previous else self.order + 1
         self._last_timestep = value
         plan = self.session.plan
         step = self.step_index
@@ -194,38 +234,50 @@ class StepTracker:
             sigma = plan.sigmas[step] if plan.sigmas is not None and step < len(plan.sigmas) else None
         else:
             t, sigma = (value if value is not None else 0.0), None
-        if outer is not None:
-            branch = outer.name
-        elif self.session.adapter.cfg_layout == "batch" and getattr(self.session.pipe, "do_classifier_free_guidance", False):
-            branch = "batch"
-        else:
-            branch = "cond"
+        branch, guidance = self._branch(outer)
+        if transformer != "transformer":
+            branch = f"{branch}@{transformer}"
         num_steps = (plan.num_steps if plan is not None else 0) or (outer.num_inference_steps if outer else 0) or 0
-        return StepContext(step_index=step, branch=branch, timestep=float(t), sigma=sigma, num_steps=num_steps)
+        return StepContext(step_index=step, branch=branch, timestep=float(t), sigma=sigma, num_steps=num_steps,
+                           guidance=guidance, transformer=transformer)
+
+    def _branch(self, outer: CacheContext | None) -> tuple[str, str]:
+        if outer is not None:  # the pipeline names its calls
+            return outer.name, outer.name if outer.name in ("cond", "uncond") else "extra"
+        if self.session.adapter.cfg_layout == "batch":
+            if self.order == 0:
+                cfg = getattr(self.session.pipe, "do_classifier_free_guidance", False)
+                return ("batch", "batch") if cfg else ("cond", "cond")
+        elif self.order < 2:  # separate calls, cond first (FLUX's true CFG)
+            return ("cond", "cond") if self.order == 0 else ("uncond", "uncond")
+        first_extra = 1 if self.session.adapter.cfg_layout == "batch" else 2
+        return f"extra{self.order - first_extra + 1}", "extra"
 
 
 def _recording_class(cls: type, session: "AccelSession") -> type:
-    """A subclass of the pipeline's class whose `__call__` records its arguments in `session.call_kwargs` (the
-    values the pipeline will use: the model's defaults, then the pipeline's, for what the caller left out), then
-    runs the original call."""
+    """A subclass of the pipeline's class whose `__call__` opens a call of the session with its arguments (the
+    values the pipeline will use: the model's defaults, then the pipeline's, for what the caller left out), runs
+    the original call, and closes the session's call."""
     signature = inspect.signature(cls.__call__)
 
     @functools.wraps(cls.__call__)
     def __call__(pipe, *args, **kwargs):
+        if session.in_pipeline_call:  # a pipeline calling itself: one call
+            return cls.__call__(pipe, *args, **kwargs)
         bound = signature.bind_partial(pipe, *args, **kwargs)
         fill_model_defaults(pipe, bound)
         bound.apply_defaults()
-        session.call_kwargs = {name: value for name, value in bound.arguments.items() if name != "self"}
+        session.begin_call({name: value for name, value in bound.arguments.items() if name != "self"})
         try:
             return cls.__call__(pipe, *args, **kwargs)
         finally:
-            session.call_kwargs = None
+            session.end_call()
 
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 class AccelSession:
-    """The state of one accelerated pipeline call: pipeline, adapter, plan, hooks, report.
+    """The state of one `accelerate` block: pipeline, adapter, and per pipeline call the plan, hooks and report.
 
     `methods` are (registry entry, validated config) pairs in application order; the session never looks methods up
     itself (`accel.apply` resolves the spec)."""
@@ -233,30 +285,42 @@ class AccelSession:
     def __init__(self, pipe: Any, methods: list[tuple[Method, MethodConfig]], seed: int | None = None):
         self.pipe = pipe
         self.seed = seed  # the request's seed, for methods that draw random numbers (reproducible requests)
-        self.transformer: torch.nn.Module = pipe.transformer
         self.adapter: ModelAdapter = adapter_for(pipe)
         self.methods = methods
-        self.stacks = self.adapter.block_stacks(self.transformer)
-        self.stack_sizes = self.adapter.block_sizes(self.transformer)
-        self.report = AccelReport(methods=[config.shorthand() for _, config in methods])
-        self.report.blocks_total = dict.fromkeys(self.stacks, 0)
-        self.report.blocks_computed = dict.fromkeys(self.stacks, 0)
+        self.transformers: dict[str, torch.nn.Module] = {
+            name: getattr(pipe, name) for name in TRANSFORMERS if getattr(pipe, name, None) is not None
+        }
+        self.transformer: torch.nn.Module = pipe.transformer
+        self.stacks: dict[str, torch.nn.ModuleList] = {}
+        self.stacks_of: dict[str, list[str]] = {}  # transformer attribute -> its stack names
+        for name, transformer in self.transformers.items():
+            prefix = "" if name == "transformer" else f"{name}."
+            own = {prefix + stack: blocks for stack, blocks in self.adapter.block_stacks(transformer).items()}
+            self.stacks.update(own)
+            self.stacks_of[name] = list(own)
+        self.stack_sizes = {name: len(blocks) for name, blocks in self.stacks.items()}
+        self.total = AccelReport(methods=[config.shorthand() for _, config in methods])
+        self.report: AccelReport | None = None  # the running call's report
         self.plan: CallPlan | None = None
         self.tracker = StepTracker(self)
         self.current: StepContext | None = None
         self.call_kwargs: dict[str, Any] | None = None  # the running pipeline call's arguments, defaults filled in
+        self.in_pipeline_call = False
         self.started = False
         self.call_hooks: list[Callable[[StepContext, Callable[[], Any]], Any]] = []
-        self._undo: list[Callable[[], None]] = []  # removals, in installation order; run in reverse on exit
+        self._undo: list[Callable[[], None]] = []  # the block's removals, in installation order; run in reverse
+        self._call_undo: list[Callable[[], None]] = []  # the running call's removals
         self._branch_states: list[StateManager] = []
+        self._block_details: dict[str, Counters] = {}  # counters of the methods applied for the whole block
         self._block_io: dict[type, BlockIO] = {}
         self._pipe_class = type(pipe)
-        # the instance-level `forward` of the transformer and every block, restored on exit whatever a peer
-        # library did (cache-dit's FLUX support replaces transformer.forward and does not put it back)
-        self._forwards = save_forwards([self.transformer, *(block for _, _, block in self.blocks())])
-        # and the order of its children: cache-dit re-inserts the block lists, which moves them to the end, and
+        # the instance-level `forward` of every module of the transformers, restored on exit whatever a hook removal
+        # (diffusers leaves the original bound method as an instance attribute) or a peer library did (cache-dit's
+        # FLUX support replaces transformer.forward and does not put it back)
+        self._forwards = save_forwards([m for t in self.transformers.values() for m in t.modules()])
+        # and the order of their children: cache-dit re-inserts the block lists, which moves them to the end, and
         # diffusers' caches take the "first block" in that order
-        self._children = list(self.transformer._modules.items())
+        self._children = {t: list(t._modules.items()) for t in self.transformers.values()}
         for method, _ in methods:
             if method.families is not None and self.adapter.family not in method.families:
                 raise SpecError(f"{method.name}: not available for the {self.adapter.family} family; supported: "
@@ -264,20 +328,22 @@ class AccelSession:
 
     # -- what methods use --------------------------------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        """Register a diffusers hook that the session removes on exit."""
+        """Register a diffusers hook that the session removes at the end of the call (or of the block, for hooks
+        registered before the first call)."""
         registry = HookRegistry.check_if_exists_or_initialize(module)
         registry.register_hook(hook, name)
-        self._undo.append(lambda: registry.remove_hook(name, recurse=False))
+        (self._call_undo if self.report is not None else self._undo).append(
+            lambda: registry.remove_hook(name, recurse=False))
 
     def add_call_hook(self, around: Callable[[StepContext, Callable[[], Any]], Any]) -> None:
-        """Wrap every denoiser call from now on: `around(ctx, call)` must return `call()`'s result or a stand-in
-        of the same structure (a denoiser-level cache returns an extrapolated output without calling). The
-        session's step context is set when it runs; hooks are dropped with the session."""
+        """Wrap every denoiser call of the running pipeline call: `around(ctx, call)` must return `call()`'s result
+        or a stand-in of the same structure (a denoiser-level cache returns an extrapolated output without
+        calling). The session's step context is set when it runs; hooks are dropped with the call."""
         self.call_hooks.append(around)
 
     def branch_state(self, state_cls: type[BaseState]) -> StateManager:
-        """A method's state per CFG branch: `manager.get_state()` during a denoiser call is the state of that
-        call's branch (created on first use). The session sets the branch on every call and resets all on exit."""
+        """A method's state per branch: `manager.get_state()` during a denoiser call is the state of that call's
+        branch (created on first use). The session sets the branch on every call and drops all at the call's end."""
         manager = StateManager(state_cls)
         self._branch_states.append(manager)
         return manager
@@ -289,7 +355,7 @@ class AccelSession:
         return self._block_io[cls]
 
     def blocks(self) -> Iterator[tuple[str, int, torch.nn.Module]]:
-        """(stack, index, block) for every block, in execution order."""
+        """(stack, index, block) for every block of every transformer, in execution order."""
         for stack, blocks in self.stacks.items():
             for index, block in enumerate(blocks):
                 yield stack, index, block
@@ -297,15 +363,20 @@ class AccelSession:
     @contextlib.contextmanager
     def side_pass(self, ctx: StepContext, name: str) -> Iterator["SidePass"]:
         """An extra denoiser pass a method runs inside a call (e.g. S²'s sub-network): it runs under its own
-        diffusers cache context `name`, and its block executions are not counted as the pipeline's but given to
-        the caller in the yielded `SidePass` (filled in when the block ends)."""
+        branch `name` (diffusers' cache context and every `branch_state`, so no method's state of the call's
+        branch is read or written), and its block executions are not counted as the pipeline's but given to the
+        caller in the yielded `SidePass` (filled in when the block ends)."""
         counted = dict(self.report.blocks_computed)
         pass_counters = SidePass()
-        _set_cache_context(self.transformer, ctx.cache_context(name))
+        transformer = self.transformers[ctx.transformer]
+        self._set_branch(ctx.cache_context(name), transformer)
+        saved = self.current
+        self.current = StepContext(**{**asdict(ctx), "branch": name})
         try:
             yield pass_counters
         finally:
-            _set_cache_context(self.transformer, ctx.cache_context())
+            self.current = saved
+            self._set_branch(ctx.cache_context(), transformer)
             for stack, count in self.report.blocks_computed.items():
                 pass_counters.blocks_computed += count - counted[stack]
                 self.report.blocks_computed[stack] = counted[stack]
@@ -316,53 +387,85 @@ class AccelSession:
         self._undo.append(self._restore_pipe_class)
         for method, config in self.methods:  # methods that wrap the pipeline call itself go on before it starts
             if method.at_attach:
-                self._apply(method, config)
-        self.add_hook(self.transformer, _StepTrackerHook(self), TRACKER_HOOK)
+                handle = method.apply(self, config)
+                self._undo.append(handle.remove)
+                self._block_details[method.name] = handle.counters
+        for name, transformer in self.transformers.items():
+            self.add_hook(transformer, _StepTrackerHook(self, name), TRACKER_HOOK)
 
     def _restore_pipe_class(self) -> None:
         self.pipe.__class__ = self._pipe_class
 
-    def _apply(self, method: Method, config: MethodConfig) -> None:
-        handle = method.apply(self, config)
-        self._undo.append(handle.remove)
-        self.report.details[method.name] = handle.counters
+    def begin_call(self, call_kwargs: dict[str, Any] | None) -> None:
+        """A pipeline call starts (or the transformer is called directly): fresh plan, tracker, report."""
+        if self.report is not None:
+            self.end_call()  # a direct transformer call before this pipeline call
+        self.in_pipeline_call = call_kwargs is not None
+        self.call_kwargs = call_kwargs
+        self.report = AccelReport(methods=list(self.total.methods), blocks_total=dict.fromkeys(self.stacks, 0),
+                                  blocks_computed=dict.fromkeys(self.stacks, 0))
+        self.plan, self.tracker, self.started = None, StepTracker(self), False
 
     def start(self) -> None:
-        """First denoiser call: read the plan, count blocks, apply the methods (inner hooks first)."""
+        """First denoiser call of a call: read the plan, count blocks, apply the methods (inner hooks first)."""
         self.started = True
         self.plan = CallPlan.from_scheduler(getattr(self.pipe, "scheduler", None))
         for stack, _, block in self.blocks():
-            self.add_hook(block, _BlockCounterHook(self.report, stack), COUNTER_HOOK)
+            self.add_hook(block, _BlockCounterHook(self, stack), COUNTER_HOOK)
         for method, config in self.methods:
             if not method.at_attach:
-                self._apply(method, config)
-        HookRegistry.check_if_exists_or_initialize(self.transformer).invalidate_child_registries_cache()
+                handle = method.apply(self, config)
+                self._call_undo.append(handle.remove)
+                self.report.details[method.name] = handle.counters
+        for transformer in self.transformers.values():
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
-    def enter_call(self, ctx: StepContext) -> None:
-        """A denoiser call starts: its step context, for our per-branch state and for diffusers' caches."""
-        self.current = ctx
-        context = ctx.cache_context()
-        for manager in self._branch_states:
-            manager.set_context(context)
-        _set_cache_context(self.transformer, context)
-
-    def exit_call(self, outer: CacheContext | None) -> None:
-        _set_cache_context(self.transformer, outer)
-        self.current = None
-
-    def detach(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+    def end_call(self) -> None:
+        """The call returned: remove its hooks and state, add its report to the totals."""
+        if self.report is None:
+            return
+        while self._call_undo:
+            self._call_undo.pop()()
         self.call_hooks.clear()
         for manager in self._branch_states:
             manager.reset()
-        if list(self.transformer._modules.items()) != self._children:
-            self.transformer._modules.clear()
-            self.transformer._modules.update(self._children)
+        self._branch_states.clear()
+        for transformer in self.transformers.values():
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+            _set_cache_context(transformer, None)
+        for name, counters in self._block_details.items():  # at_attach methods count for the whole block
+            self.report.details.setdefault(name, counters)
+        if self.started:
+            self.total.add(self.report)
+        self.report, self.call_kwargs, self.current = None, None, None
+        self.in_pipeline_call = self.started = False
+
+    def enter_call(self, ctx: StepContext, transformer: torch.nn.Module) -> None:
+        """A denoiser call starts: its step context, for our per-branch state and for diffusers' caches."""
+        self.current = ctx
+        self._set_branch(ctx.cache_context(), transformer)
+
+    def exit_call(self, outer: CacheContext | None, transformer: torch.nn.Module) -> None:
+        _set_cache_context(transformer, outer)
+        self.current = None
+
+    def _set_branch(self, context: CacheContext, transformer: torch.nn.Module) -> None:
+        for manager in self._branch_states:
+            manager.set_context(context)
+        _set_cache_context(transformer, context)
+
+    def detach(self) -> None:
+        self.end_call()
+        while self._undo:
+            self._undo.pop()()
+        for transformer, children in self._children.items():
+            if list(transformer._modules.items()) != children:
+                transformer._modules.clear()
+                transformer._modules.update(children)
         restore_forwards(self._forwards)
-        registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
-        registry.invalidate_child_registries_cache()
-        _set_cache_context(self.transformer, None)
+        for transformer in self.transformers.values():
+            HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+            _set_cache_context(transformer, None)
 
 
 @dataclass

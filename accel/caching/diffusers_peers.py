@@ -8,8 +8,9 @@ full cache context on every call, they also work on pipelines that set none (SD3
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from diffusers.hooks import (
@@ -82,18 +83,24 @@ class ModuleCounters(Counters):
     module_forwards_computed: int = 0  # of those, calls that ran the module's real forward
 
 
-def _enable(session: AccelSession, apply_fn, config, hook_names: tuple[str, ...]) -> MethodHandle:
-    """Apply one of diffusers' caches with its own `apply_*` function (not every transformer has
-    `enable_cache`, e.g. SD3's lacks `CacheMixin`) and remove its hooks by name on exit."""
-    transformer = session.transformer
-    apply_fn(transformer, config)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+def _enable(session: AccelSession, apply_fn, config, hook_names: tuple[str, ...],
+            counters: Counters | None = None, count_hook: str | None = None) -> MethodHandle:
+    """Apply one of diffusers' caches with its own `apply_*` function (not every transformer has `enable_cache`,
+    e.g. SD3's lacks `CacheMixin`) to every transformer of the pipeline, and remove its hooks by name on exit.
+    With `count_hook`, the calls of every module carrying that hook are counted into `counters` for the call."""
+    undo = []
+    for transformer in session.transformers.values():
+        apply_fn(transformer, config)
+        if count_hook is not None:
+            undo.append(_count_hooked_calls(transformer, count_hook, counters))
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        undo.extend(functools.partial(registry.remove_hook, name, recurse=True) for name in hook_names)
 
-    def remove() -> None:
-        for name in hook_names:
-            registry.remove_hook(name, recurse=True)
+    def remove() -> None:  # counting wrappers first: removing a hook hands its forward back to the module
+        for step in undo:
+            step()
 
-    return MethodHandle(on_remove=remove)
+    return MethodHandle(counters or Counters(), on_remove=remove)
 
 
 def apply_fbcache(session: AccelSession, config: FBCacheConfig) -> MethodHandle:
@@ -105,16 +112,25 @@ def apply_fbcache(session: AccelSession, config: FBCacheConfig) -> MethodHandle:
     )
 
 
-def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: ModuleCounters) -> None:
-    """Count, for every module carrying `hook_name`, the calls it saw and the ones that ran the real forward."""
+def _count_hooked_calls(transformer: torch.nn.Module, hook_name: str, counters: ModuleCounters) -> Callable[[], None]:
+    """Count, for every module carrying `hook_name`, the calls it saw and the ones that ran the real forward;
+    return the function that takes the counting wrappers off again."""
+    wrapped = []
     for module in transformer.modules():
         registry = getattr(module, "_diffusers_hook", None)
         hook = registry.get_hook(hook_name) if registry is not None else None
         if hook is None:
             continue
         ref = hook.fn_ref
+        wrapped.append((ref, ref.forward, ref.original_forward))
         ref.forward = _counting(ref.forward, counters, "module_forwards_total")
         ref.original_forward = _counting(ref.original_forward, counters, "module_forwards_computed")
+
+    def unwrap() -> None:
+        for ref, forward, original in wrapped:
+            ref.forward, ref.original_forward = forward, original
+
+    return unwrap
 
 
 def _counting(fn, counters: ModuleCounters, key: str):
@@ -126,7 +142,7 @@ def _counting(fn, counters: ModuleCounters, key: str):
 
 
 def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodHandle:
-    handle = _enable(
+    return _enable(
         session,
         apply_taylorseer_cache,
         TaylorSeerCacheConfig(
@@ -138,10 +154,9 @@ def apply_taylorseer(session: AccelSession, config: TaylorSeerConfig) -> MethodH
             use_lite_mode=config.lite,
         ),
         (_TAYLORSEER_CACHE_HOOK,),
+        counters=ModuleCounters(),
+        count_hook=_TAYLORSEER_CACHE_HOOK,
     )
-    handle.counters = ModuleCounters()
-    _count_hooked_calls(session.transformer, _TAYLORSEER_CACHE_HOOK, handle.counters)
-    return handle
 
 
 def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodHandle:

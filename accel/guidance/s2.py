@@ -155,7 +155,7 @@ class S2CallHook:
         self.eligible, self.counters = eligible, counters
 
     def __call__(self, ctx: StepContext, call):
-        if ctx.branch not in ("cond", "batch") or not is_active(self.config, ctx):
+        if ctx.guidance not in ("cond", "batch") or not is_active(self.config, ctx):
             return call()
         keywords = getattr(call, "keywords", None) or {}
         if keywords.get("skip_layers") is not None:  # SD3's own skip-layer-guidance pass
@@ -168,9 +168,9 @@ class S2CallHook:
         cond = sample[half:]
         subnet = self._subnet_call(call, ctx, half)
         total = None
+        eligible = {stack: self.eligible[stack] for stack in session.stacks_of[ctx.transformer]}
         for p in range(self.config.passes):
-            mask = draw_mask(self.eligible, session.stack_sizes, self.config.drop_ratio, session.seed,
-                             ctx.step_index, p)
+            mask = draw_mask(eligible, session.stack_sizes, self.config.drop_ratio, session.seed, ctx.step_index, p)
             predicted = self._run_masked(subnet, mask, ctx)
             if predicted.shape[0] != cond.shape[0]:  # fell back to running the whole batch
                 predicted = predicted[half:]

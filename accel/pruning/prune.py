@@ -61,7 +61,7 @@ class PruneConfig(MethodConfig):
 
 @dataclass
 class PruneCounters(Counters):
-    pruned: list[str] = field(default_factory=list)  # the blocks skipped in this call
+    pruned: list[str] = field(default_factory=list, metadata={"total": "union"})  # the blocks skipped
     skipped_blocks: int = 0  # block forwards skipped
 
 

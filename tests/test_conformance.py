@@ -1,0 +1,206 @@
+"""Conformance matrix: every method × every pipeline variant the adapters accept that builds offline × CFG mode,
+with invariants that must hold on all of them (not one hand-picked path).
+
+Variants: FLUX text-to-image (no CFG, true CFG), FLUX img2img / inpaint / Kontext with true CFG (these set no cache
+context: branches come from call order), SD3 (no CFG, batched CFG, CFG + skip-layer guidance), Wan 2.1 (no CFG,
+CFG), Wan 2.2 with two experts (`transformer_2`). Not built: FLUX Fill/Control (a transformer with other input
+channels) and Wan I2V (an image encoder); their call layout is one of the above.
+
+Invariants, each an assertion:
+- a skip-nothing setting of every method is bit-identical to the plain pipeline;
+- a skipping setting runs, and its counts add up (per transformer call every block is counted, computed <= total);
+- a method sees exactly the branches the pipeline runs (per step: cond/uncond, batch, extra guidance passes, each
+  expert's own) and its per-branch work adds up to the pipeline's calls;
+- after the block every module's `forward`, every attention processor and the pipeline's class are the very same
+  objects as before, no hook is left, and repeated blocks do not grow anything;
+- every pipeline call inside one block is accelerated with fresh state (three calls give the same output).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipeline, WanPipeline
+from PIL import Image
+
+from accel import accelerate
+from accel.session import AccelSession
+from helpers import registries_empty
+
+STEPS = 3
+IMAGE = Image.fromarray((np.arange(64 * 64 * 3) % 251).astype(np.uint8).reshape(64, 64, 3))
+MASK = Image.fromarray(np.where(np.arange(64 * 64).reshape(64, 64) % 64 < 32, 255, 0).astype(np.uint8))
+
+
+def _flux_variant(cls):
+    def build(load):
+        return cls(**load("tiny-flux").components)
+
+    return build
+
+
+def _wan22(load):
+    base = load("tiny-wan")
+    parts = {k: v for k, v in base.components.items() if k in ("tokenizer", "text_encoder", "vae", "scheduler")}
+    second = copy.deepcopy(base.transformer)
+    with torch.no_grad():
+        for p in second.parameters():
+            p.mul_(0.9)  # a different expert
+    return WanPipeline(**parts, transformer=base.transformer, transformer_2=second, boundary_ratio=0.875)  # steps at t 999 | 857, 600
+
+
+TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
+FLUX_SIZE = dict(height=64, width=64)
+WAN_SIZE = dict(height=32, width=32, num_frames=5)
+# name: (builder, call kwargs, the branches the pipeline runs, its denoiser calls per generation of STEPS steps)
+VARIANTS = {
+    "flux-t2i": (lambda load: load("tiny-flux"), dict(FLUX_SIZE), {"cond"}, STEPS),
+    "flux-t2i-truecfg": (lambda load: load("tiny-flux"), dict(FLUX_SIZE, **TRUE_CFG), {"cond", "uncond"}, 2 * STEPS),
+    "flux-img2img-truecfg": (_flux_variant(FluxImg2ImgPipeline), dict(FLUX_SIZE, image=IMAGE, strength=1.0, **TRUE_CFG),
+                             {"cond", "uncond"}, 2 * STEPS),
+    "flux-inpaint-truecfg": (_flux_variant(FluxInpaintPipeline),
+                             dict(FLUX_SIZE, image=IMAGE, mask_image=MASK, strength=1.0, **TRUE_CFG),
+                             {"cond", "uncond"}, 2 * STEPS),
+    "flux-kontext-truecfg": (_flux_variant(FluxKontextPipeline), dict(FLUX_SIZE, image=IMAGE, _auto_resize=False, max_area=64 * 64, **TRUE_CFG),
+                             {"cond", "uncond"}, 2 * STEPS),
+    "sd3": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
+    "sd3-cfg": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+                {"batch"}, STEPS),
+    # skip-layer guidance runs on steps i with start*N < i < stop*N: steps 1 and 2 of 3
+    "sd3-cfg-slg": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, skip_guidance_layers=[1],
+                                                        skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0),
+                    {"batch", "extra1"}, STEPS + 2),
+    "wan": (lambda load: load("tiny-wan"), dict(WAN_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
+    "wan-cfg": (lambda load: load("tiny-wan"), dict(WAN_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+                {"cond", "uncond"}, 2 * STEPS),
+    "wan22-cfg": (_wan22, dict(WAN_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+                  {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}, 2 * STEPS),
+}
+PIPELINE_SKIPS = {"sd3-cfg-slg": 2}  # block forwards the pipeline itself skips per generation (SLG: 1 block x 2 calls)
+FAMILY = {name: name.split("-")[0].replace("wan22", "wan") for name in VARIANTS}
+
+# per method: a setting that skips nothing, and one that skips (or adds) work
+METHODS = {
+    "sortblock": ("sortblock:K=1", "sortblock:K=2,beta=0.5,schedule=constant,start=1000,end=0"),
+    "abcache": ("abcache:interval=1", "abcache:warmup=1,interval=2"),
+    "fbcache": ("fbcache:threshold=0", "fbcache:threshold=1.0"),
+    "taylorseer": ("taylorseer:disable_cache_before_step=1000", "taylorseer:cache_interval=2,disable_cache_before_step=1"),
+    "magcache": ("magcache:calibrate=true", "magcache:mag_ratios=[1.0],threshold=1.0,retention_ratio=0"),
+    "s2": ("s2:omega=0", "s2:interval=[0,1]"),
+    "prune": ("prune:blocks=[]", None),  # the skipping one names a block of the variant's first stack
+    "sparse_attention": ("sparse_attention:dense_steps=1000", "sparse_attention:block_size=16,dense_steps=1,sparsity=0.5,backend=reference"),
+}
+UNSUPPORTED = {("fbcache", "sd3")}  # declared in the method's families
+SPARSE_FAMILIES = ("flux", "wan")
+
+
+def cases():
+    for variant in VARIANTS:
+        for method in METHODS:
+            family = FAMILY[variant]
+            if (method, family) in UNSUPPORTED or (method == "sparse_attention" and family not in SPARSE_FAMILIES):
+                continue
+            yield pytest.param(variant, method, id=f"{variant}-{method}")
+
+
+_built: dict[str, object] = {}
+
+
+def pipeline(load, variant):
+    if variant not in _built:
+        _built[variant] = VARIANTS[variant][0](load)
+    return _built[variant]
+
+
+def call(pipe, variant, prompt="a red circle on the left", seed=0):
+    kwargs = dict(VARIANTS[variant][1], num_inference_steps=STEPS, output_type="np")
+    out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
+    return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+
+def snapshot(pipe):
+    """Identities of everything a session may touch: each module's own `forward`, each attention processor, the
+    pipeline's class, and the transformers' children order."""
+    modules = [m for name in ("transformer", "transformer_2") if getattr(pipe, name, None) is not None
+               for m in getattr(pipe, name).modules()]
+    return (type(pipe), [id(m.__dict__.get("forward")) for m in modules],
+            [id(getattr(m, "processor", None)) for m in modules],
+            [list(getattr(pipe, n)._modules) for n in ("transformer", "transformer_2") if getattr(pipe, n, None)])
+
+
+def skipping_spec(pipe, method):
+    if method == "prune":
+        stack = next(iter(AccelSession(pipe, []).stacks))
+        return f'prune:blocks=["{stack}.1"]'
+    return METHODS[method][1]
+
+
+_plain: dict[str, np.ndarray] = {}
+
+
+@pytest.mark.parametrize("variant,method", list(cases()))
+def test_conformance(load, monkeypatch, variant, method):
+    pipe = pipeline(load, variant)
+    if variant not in _plain:
+        _plain[variant] = call(pipe, variant)
+    before = snapshot(pipe)
+
+    with accelerate(pipe, METHODS[method][0]) as report:
+        out = call(pipe, variant)
+    assert np.array_equal(_plain[variant], out), f"{method} skip-nothing differs from plain on {variant}"
+    assert report.block_fraction_computed == 1.0 or method == "s2"
+
+    seen: list[tuple[int, str]] = []
+    start = AccelSession.start
+
+    def start_and_record(session):  # record (step, branch) of every denoiser call of every pipeline call
+        start(session)
+        session.add_call_hook(lambda ctx, run: seen.append((ctx.step_index, ctx.branch)) or run())
+
+    monkeypatch.setattr(AccelSession, "start", start_and_record)
+    with accelerate(pipe, skipping_spec(pipe, method), seed=0) as report:
+        outs = [call(pipe, variant) for _ in range(2)]
+    monkeypatch.undo()
+    _, _, branches, calls = VARIANTS[variant]
+    assert np.array_equal(outs[0], outs[1]), "the second call in the block did not start from fresh state"
+    assert len(report.calls) == 2 and [c.transformer_calls for c in report.calls] == [calls, calls]
+    assert {branch for _, branch in seen} == branches and len(seen) == 2 * calls
+    first = report.calls[0]
+    per_transformer = sum(AccelSession(pipe, []).adapter.block_sizes(pipe.transformer).values())
+    plain_blocks = calls * per_transformer - PIPELINE_SKIPS.get(variant, 0)
+    assert sum(first.blocks_total.values()) == plain_blocks
+    assert all(0 <= first.blocks_computed[s] <= t for s, t in first.blocks_total.items())
+    assert report.transformer_calls == 2 * calls and sum(report.blocks_total.values()) == 2 * plain_blocks
+    if method == "abcache":
+        counters = first.details["abcache"]
+        assert counters.computed_calls + counters.extrapolated_calls == calls
+        assert counters.extrapolated_calls > 0 or variant.startswith("wan22")  # an expert's branches start afresh
+    if method == "s2":
+        assert first.details["s2"].active_steps == STEPS  # the cond (or batch) call of each step, never another
+
+    assert snapshot(pipe) == before, "something the session touched was not restored"
+    assert registries_empty(pipe.transformer)
+    assert getattr(pipe, "transformer_2", None) is None or registries_empty(pipe.transformer_2)
+
+
+def test_repeated_blocks_grow_nothing(load):
+    """100 accelerated calls with a module-level peer (TaylorSeer wraps attention modules) leave every module as
+    it was: no wrapper outlives its block."""
+    pipe = load("tiny-flux")
+    before = snapshot(pipe)
+    forwards = [m.forward for m in pipe.transformer.modules()]
+    for _ in range(100):
+        with accelerate(pipe, "taylorseer:cache_interval=2,disable_cache_before_step=1"):
+            pipe.transformer(**_direct_inputs(pipe))
+    assert snapshot(pipe) == before
+    assert [m.forward for m in pipe.transformer.modules()] == forwards
+
+
+def _direct_inputs(pipe):
+    g = torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]), return_dict=False)
