@@ -8,7 +8,9 @@ block's inputs and outputs).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +19,8 @@ from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockR
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 from accel.errors import SpecError, UnsupportedModelError
+
+log = logging.getLogger("accel")
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class ModelAdapter:
 
     family: str
     transformer_class: str
-    pipeline_classes: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]  # pipelines whose call layout the conformance tests check
     stacks: tuple[str, ...]
     cfg_layout: Literal["separate", "batch"]
     task: Literal["text-to-image", "text-to-video"]
@@ -98,7 +102,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter(
             family="flux",
             transformer_class="FluxTransformer2DModel",
-            pipeline_classes=("FluxPipeline",),
+            pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline"),
             stacks=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate",
             task="text-to-image",
@@ -143,6 +147,15 @@ def supported_families() -> str:
     return ", ".join(f"{a.family} ({a.transformer_class})" for a in ADAPTERS.values())
 
 
+@functools.cache
+def _note_unchecked(adapter: ModelAdapter, pipeline_class: str) -> None:
+    """Once per pipeline class: a pipeline of a known family whose call layout the tests have not checked
+    (`ModelAdapter.pipeline_classes`, the conformance matrix) works, but is said to be unchecked."""
+    if pipeline_class not in adapter.pipeline_classes:
+        log.warning("%s: a %s pipeline not in the checked list (%s); accelerators apply, results are unverified",
+                    pipeline_class, adapter.family, ", ".join(adapter.pipeline_classes))
+
+
 def adapter_for(pipe_or_transformer: Any) -> ModelAdapter:
     """The adapter for a pipeline or a transformer; a clear error naming what is supported otherwise."""
     transformer = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
@@ -153,6 +166,8 @@ def adapter_for(pipe_or_transformer: Any) -> ModelAdapter:
     name = type(transformer).__name__
     for adapter in ADAPTERS.values():
         if adapter.transformer_class == name:
+            if transformer is not pipe_or_transformer:
+                _note_unchecked(adapter, type(pipe_or_transformer).__name__)
             return adapter
     raise UnsupportedModelError(f"unsupported transformer {name}; supported families: {supported_families()}")
 

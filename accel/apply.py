@@ -12,7 +12,7 @@ from accel.spec import parse_spec
 
 
 @contextlib.contextmanager
-def accelerate(pipe: Any, spec: Any = None, *, seed: int | None = None) -> Iterator[AccelReport]:
+def accelerate(pipe: Any, spec: Any = None, *, seed: int | list[int] | None = None) -> Iterator[AccelReport]:
     """Apply the accelerators of `spec` to the next call(s) of `pipe` inside the block; yield the live report.
 
         with accelerate(pipe, "fbcache:threshold=0.1") as report:
@@ -22,8 +22,8 @@ def accelerate(pipe: Any, spec: Any = None, *, seed: int | None = None) -> Itera
     `spec` is anything `accel.spec.parse_spec` takes: None or [] (no acceleration), a config, a dict, JSON, a
     `method:key=value` shorthand, a preset name, or a list of those; an already parsed `AccelSpec` is used as is.
     Every pipeline call inside the block is accelerated, each with fresh state; the report gives the totals and
-    each call (`report.calls`). `seed` is the request's seed: methods that draw random numbers use it, so a request
-    is reproducible.
+    each call (`report.calls`). `seed` is the request's seed, or one seed per output of the batch: methods that draw
+    random numbers use it, so a request is reproducible and an output does not depend on the rest of its batch.
     """
     configs = parse_spec(spec)
     session = AccelSession(pipe, [(METHODS[config.method], config) for config in configs], seed=seed)

@@ -79,6 +79,8 @@ class Method:
     `exclusive` names a group of methods of which a spec may use only one (e.g. the feature caches, which would
     fight over the same blocks); `conflicts` names methods this one cannot be combined with. Both are checked once,
     in `accel.spec.parse_spec`. `families`: the model families it supports (None: every family an adapter covers).
+    `batch_invariant` False: the method decides what to skip from the batch's data (one decision for every item), so
+    an item's output may depend on the rest of its batch; the server does not batch such specs.
     """
 
     name: str
@@ -88,4 +90,5 @@ class Method:
     exclusive: str | None = None
     conflicts: tuple[str, ...] = ()
     families: tuple[str, ...] | None = None
+    batch_invariant: bool = True  # an output does not depend on the rest of its batch (False: decisions from data)
     at_attach: bool = False  # apply when the `accelerate` block is entered (methods that patch the pipeline call)

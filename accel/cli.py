@@ -242,6 +242,9 @@ def cmd_methods(args) -> int:
 
     for name, method in METHODS.items():
         print(f"{name}: {method.summary}")
+        scope = ", ".join(method.families) if method.families else "every family"
+        batching = "batch-invariant" if method.batch_invariant else "decides from the batch's data: not batched by the server"
+        print(f"    [{scope}; {batching}]")
         for field, info in method.config_cls.model_fields.items():
             if field != "method":
                 print(f"    {field} (default {info.default!r}): {info.description or ''}")

@@ -259,7 +259,8 @@ def generate_batch(
     start = time.perf_counter()
     pipe._interrupt = False
     try:
-        with torch.inference_mode(), accelerate(pipe, spec, seed=batch[0].seed) as report, _no_decode_after_interrupt(pipe):
+        seeds = [request.seed + i for request in batch for i in range(request.num_outputs)]  # one per output
+        with torch.inference_mode(), accelerate(pipe, spec, seed=seeds) as report, _no_decode_after_interrupt(pipe):
             output = pipe(**kwargs)
     except _Interrupted:
         output = None

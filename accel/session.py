@@ -282,9 +282,9 @@ class AccelSession:
     `methods` are (registry entry, validated config) pairs in application order; the session never looks methods up
     itself (`accel.apply` resolves the spec)."""
 
-    def __init__(self, pipe: Any, methods: list[tuple[Method, MethodConfig]], seed: int | None = None):
+    def __init__(self, pipe: Any, methods: list[tuple[Method, MethodConfig]], seed: int | list[int] | None = None):
         self.pipe = pipe
-        self.seed = seed  # the request's seed, for methods that draw random numbers (reproducible requests)
+        self.seed = seed  # the request's seed, or one per output, for methods that draw random numbers
         self.adapter: ModelAdapter = adapter_for(pipe)
         self.methods = methods
         self.transformers: dict[str, torch.nn.Module] = {
@@ -359,6 +359,17 @@ class AccelSession:
         for stack, blocks in self.stacks.items():
             for index, block in enumerate(blocks):
                 yield stack, index, block
+
+    def item_seeds(self, items: int) -> list[int | None]:
+        """One seed per item of a denoiser call's batch: the per-output seeds when given (one per output, so an
+        item's random draws do not depend on the rest of its batch), else the one seed for every item."""
+        if isinstance(self.seed, (list, tuple)):
+            if len(self.seed) == items:
+                return list(self.seed)
+            if len(self.seed) and items % len(self.seed) == 0:  # e.g. several images per prompt
+                return [s for s in self.seed for _ in range(items // len(self.seed))]
+            return [self.seed[0] if self.seed else None] * items
+        return [self.seed] * items
 
     @contextlib.contextmanager
     def side_pass(self, ctx: StepContext, name: str) -> Iterator["SidePass"]:

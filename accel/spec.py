@@ -44,6 +44,11 @@ class AccelSpec(list):
     def to_json(self) -> list[dict[str, Any]]:
         return [config.model_dump(mode="json") for config in self]
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every output is the same alone as inside a batch (see `Method.batch_invariant`)."""
+        return all(METHODS[config.method].batch_invariant for config in self)
+
     def method(self, name: str) -> MethodConfig | None:
         return next((config for config in self if config.method == name), None)
 
@@ -171,8 +176,11 @@ def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
 
 
 def method_schemas() -> dict[str, dict[str, Any]]:
-    """Every method's JSON schema and one-line summary (for `GET /v1/accelerators` and `--help`)."""
+    """Every method's JSON schema, one-line summary, families and batching behaviour (for `GET /v1/accelerators`
+    and `--help`)."""
     return {
-        name: {"summary": method.summary, "schema": method.config_cls.model_json_schema()}
+        name: {"summary": method.summary, "schema": method.config_cls.model_json_schema(),
+               "families": list(method.families) if method.families else None,
+               "batch_invariant": method.batch_invariant}
         for name, method in METHODS.items()
     }

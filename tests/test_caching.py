@@ -238,3 +238,26 @@ def test_report_and_skipping_change_output(load):
         assert report.block_fraction_computed < 0.8
         assert not np.array_equal(plain, out)
         assert np.abs(plain - out).mean() < 0.05  # close to the plain output, not garbage
+
+
+def test_binomial_spacing_advances_over_skipped_steps():
+    """The authors' multistep: a skipped step's extrapolation joins the history, so two skipped steps in a row give
+    two different outputs along the trajectory (they used to repeat the first one)."""
+    config = ABCacheConfig(order=2, warmup=2, interval=4, spacing="binomial")
+    counters = ABCacheCounters()
+    state = ABCacheState()
+    hook = ABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
+    outputs = []
+    for step in range(4):  # computed 0, 1; skipped 2, 3
+        ctx = type("Ctx", (), {"step_index": step, "num_steps": 8, "sigma": None})()
+        outputs.append(hook(ctx, lambda s=step: torch.full((2,), float(s))))
+    assert counters.computed_calls == 2 and counters.extrapolated_calls == 2
+    assert outputs[2].tolist() == [2.0, 2.0] and outputs[3].tolist() == [3.0, 3.0]
+
+
+def test_sortblock_never_ranks_a_block_that_changes_nothing():
+    """A block pruned for the call (identity: zero residual) must not take a recompute slot from a real block."""
+    hook = SortblockBlockHook(None, None, SortblockConfig(), "s", 0, SortblockCounters())
+    zero, other = torch.zeros(1, 4, 16), torch.randn(1, 4, 16)
+    assert hook._similarity(zero, zero) == float("inf")
+    assert hook._similarity(other, other) == pytest.approx(1.0)

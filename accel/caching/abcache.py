@@ -2,8 +2,9 @@
 
 The denoiser's output changes smoothly, nearly linearly, along the trajectory. On a skipped step no block runs;
 the output is extrapolated from the outputs of the last `order` computed steps:
-- spacing="binomial" (the authors): backward-difference weights sum_{j=1..k} (-1)^(j+1) C(k, j) f_{n-j}, which
-  treats the cached outputs as one step apart (k=2: 2 f0 - f1);
+- spacing="binomial" (the authors): backward-difference weights sum_{j=1..k} (-1)^(j+1) C(k, j) f_{n-j} over the
+  outputs of the last k steps, one step apart (k=2: 2 f0 - f1); a skipped step's extrapolated output joins that
+  history, so consecutive skipped steps advance along the trajectory instead of repeating one value;
 - spacing="steps": Lagrange extrapolation over the step indices of the cached outputs to the current step;
 - spacing="sigmas": Lagrange extrapolation over the scheduler's noise levels sigma of those steps to the current
   sigma: exact for outputs polynomial in sigma, and the natural variable on shifted FLUX/Wan schedules.
@@ -112,7 +113,10 @@ class ABCacheCallHook:
             self.counters.computed_calls += 1
             return output
         self.counters.extrapolated_calls += 1
-        return history.wrap(self.extrapolate(history, ctx))
+        predicted = self.extrapolate(history, ctx)
+        if self.config.spacing == "binomial":  # the authors' multistep: the history advances over skipped steps too
+            history.push(ctx.step_index, self._time(ctx), predicted, self.config.order)
+        return history.wrap(predicted)
 
     def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:
         k = len(history.outputs)

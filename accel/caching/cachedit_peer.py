@@ -62,5 +62,5 @@ def apply_dbcache(session: AccelSession, config: DBCacheConfig) -> MethodHandle:
 
 DBCACHE = Method(
     "dbcache", DBCacheConfig, apply_dbcache, "cache-dit DBCache (out-of-tree peer; optional package)",
-    exclusive="cache", at_attach=True,
+    exclusive="cache", at_attach=True, batch_invariant=False,  # skips when the batch's residual changes little
 )

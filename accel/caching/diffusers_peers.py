@@ -186,7 +186,7 @@ def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodH
 # the text stream, which FBCache cannot difference, so it is offered on FLUX and Wan only.
 FBCACHE = Method(
     "fbcache", FBCacheConfig, apply_fbcache, "diffusers First Block Cache (peer)", exclusive="cache",
-    families=("flux", "wan"),
+    families=("flux", "wan"), batch_invariant=False,  # skips when the batch's first-block residual changes little
 )
 TAYLORSEER = Method("taylorseer", TaylorSeerConfig, apply_taylorseer, "diffusers TaylorSeer (peer)", exclusive="cache")
 MAGCACHE = Method("magcache", MagCachePeerConfig, apply_magcache, "diffusers MagCache (peer)", exclusive="cache")

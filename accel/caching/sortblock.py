@@ -177,6 +177,8 @@ class SortblockBlockHook(ModelHook):
     def _similarity(self, full: torch.Tensor, used: torch.Tensor) -> float:
         channels = max(1, int(full.shape[-1] * self.config.channel_fraction))
         a, b = full[..., :channels].float(), used[..., :channels].float()
+        if not a.any():  # a block that changes nothing (pruned for the call, made identity): never worth recomputing
+            return float("inf")
         return float(F.cosine_similarity(a, b, dim=-1).mean())
 
 
@@ -225,5 +227,5 @@ def apply_sortblock(session: AccelSession, config: SortblockConfig) -> MethodHan
 SORTBLOCK = Method(
     "sortblock", SortblockConfig, apply_sortblock,
     "Sortblock: similarity-ranked block residual reuse with linear prediction (arXiv 2508.00412)",
-    exclusive="cache",
+    exclusive="cache", batch_invariant=False,  # one ranking per batch
 )

@@ -20,8 +20,10 @@ Definitions (where the paper is terse):
 - interval: the step is active when lo <= σ_t <= hi, with σ_t the scheduler's noise level of the step (flow
   matching: 1 = pure noise, 0 = clean; `timestep / 1000` where the scheduler keeps no sigmas). The default
   (0.1, 0.9) is "the central 80% of the noise levels".
-- masks: a `torch.Generator` seeded from (request seed, step index, pass index), so a request is reproducible and
-  independent of CFG layout and batching. Seed None counts as 0.
+- masks: a `torch.Generator` seeded from (item seed, step index, pass index), per item of the batch (the seed of
+  each output: the request's seed + its index), so an output is reproducible and does not depend on the CFG layout
+  or on what else is in its batch; items that draw the same mask share one sub-network pass. Seed None counts as
+  0. The correction is computed in float32 whatever the model's dtype.
 - λ: the model adapter's `cfg_scale`, from the running pipeline call's arguments (recorded by the session at call
   entry). FLUX: `true_cfg_scale` with a negative prompt (its embedded `guidance_scale` is not a combine, so
   without true CFG the no-CFG formula applies); Wan: `guidance_scale`, or Wan 2.2's `guidance_scale_2` below the
@@ -164,34 +166,41 @@ class S2CallHook:
         session = self.session
         lam = session.adapter.cfg_scale(session.pipe, session.call_kwargs, ctx.timestep)
         sample, wrap = unwrap_denoiser_output(output)
-        half = sample.shape[0] // 2 if ctx.branch == "batch" else 0
-        cond = sample[half:]
-        subnet = self._subnet_call(call, ctx, half)
-        total = None
+        half = sample.shape[0] // 2 if ctx.guidance == "batch" else 0
+        cond = sample[half:].float()
         eligible = {stack: self.eligible[stack] for stack in session.stacks_of[ctx.transformer]}
+        total = torch.zeros_like(cond)
         for p in range(self.config.passes):
-            mask = draw_mask(eligible, session.stack_sizes, self.config.drop_ratio, session.seed, ctx.step_index, p)
-            predicted = self._run_masked(subnet, mask, ctx)
-            if predicted.shape[0] != cond.shape[0]:  # fell back to running the whole batch
-                predicted = predicted[half:]
-            total = predicted if total is None else total + predicted
-        d_hat = total / self.config.passes if self.config.passes > 1 else total
+            # each item's own mask, from its own seed: an item's output does not depend on the rest of its batch
+            groups: dict[str, tuple[dict[str, list[int]], list[int]]] = {}
+            for item, seed in enumerate(session.item_seeds(cond.shape[0])):
+                mask = draw_mask(eligible, session.stack_sizes, self.config.drop_ratio, seed, ctx.step_index, p)
+                groups.setdefault(repr(sorted(mask.items())), (mask, []))[1].append(item)
+            for mask, items in groups.values():
+                rows = None if len(items) == cond.shape[0] and not half else [half + i for i in items]
+                predicted = self._run_masked(self._subnet_call(call, sample.shape[0], rows), mask, ctx)
+                if predicted.shape[0] != len(items):  # fell back to running the whole batch
+                    predicted = predicted[[half + i for i in items]]
+                total[items] += predicted.float()
+        d_hat = total / self.config.passes
         weight = self.config.omega / lam if lam is not None else self.config.omega
-        corrected = cond - weight * (d_hat - cond)
+        corrected = cond - weight * (d_hat - cond)  # in float32, whatever the model's dtype
         self.counters.active_steps += 1
         if half:
-            corrected = torch.cat([sample[:half], corrected], dim=0)
+            corrected = torch.cat([sample[:half].float(), corrected], dim=0)
         return wrap(corrected.to(sample.dtype))
 
-    def _subnet_call(self, call, ctx: StepContext, half: int):
-        """A callable running the transformer on the conditional inputs only (the cond half for batched CFG)."""
-        if not half or not isinstance(call, functools.partial):
+    @staticmethod
+    def _subnet_call(call, batch: int, rows: list[int] | None):
+        """A callable running the transformer on the given rows of the call's batch only (the cond half for
+        batched CFG, or the items sharing one mask); `rows=None`: the whole call."""
+        if rows is None or not isinstance(call, functools.partial):
             return call
-        batch = 2 * half
+        index = torch.tensor(rows)
 
         def cut(value):
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-                return value[half:]
+                return value[index]
             return value
 
         args = tuple(cut(a) for a in call.args)
