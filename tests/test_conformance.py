@@ -226,3 +226,44 @@ def test_an_item_alone_equals_the_same_item_in_a_batch(load, name, spec):
     for request, batched in zip(requests, together):
         alone = generate_batch(pipe, [request], spec)[0]
         np.testing.assert_allclose(batched.frames(), alone.frames(), atol=2e-5)
+
+
+PAIRS = [("s2:interval=[0,1]", "abcache:warmup=1,interval=2"), ("s2:interval=[0,1]", "sortblock:K=2,beta=0.5,start=1000,end=0"),
+         ("prune:blocks=[BLOCK]", "sortblock:K=2,beta=0.5,start=1000,end=0"), ("prune:blocks=[BLOCK]", "taylorseer:cache_interval=2"),
+         ("sparse_attention:block_size=16,dense_steps=1,sparsity=0.5,backend=reference", "abcache:warmup=1,interval=2"),
+         ("sparse_attention:block_size=16,dense_steps=1,sparsity=0.5,backend=reference", "s2:interval=[0,1]")]
+
+
+@pytest.mark.parametrize("variant", ["flux-t2i-truecfg", "flux-img2img-truecfg", "sd3-cfg-slg", "wan22-cfg"])
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: "+".join(p.split(":")[0] for p in pair))
+def test_pairs_with_batches(load, variant, pair):
+    """Pairs of composable methods on batches (2 prompts x 2 images each): no exception, counts add up, the
+    pipeline is left as it was; and the pair's skip-nothing settings are bit-identical to plain on the batch."""
+    if "sparse_attention" in pair[0] and FAMILY[variant] not in SPARSE_FAMILIES:
+        pytest.skip("sparse attention: flux and wan only")
+    pipe = pipeline(load, variant)
+    stack = next(iter(AccelSession(pipe, []).stacks))
+    spec = [p.replace("BLOCK", f'"{stack}.1"') for p in pair]
+    batch = dict(prompt=["a red circle on the left", "a blue square at the top"], num_images_per_prompt=2)
+    if variant.startswith("wan"):
+        batch = dict(prompt=batch["prompt"], num_videos_per_prompt=2)
+    kwargs = dict(VARIANTS[variant][1], num_inference_steps=STEPS, output_type="np", **batch)
+    if "negative_prompt" in kwargs:
+        kwargs["negative_prompt"] = ["blurry", "blurry"]
+    before = snapshot(pipe)
+
+    def generate():
+        out = pipe(generator=torch.Generator().manual_seed(0), **kwargs)
+        return np.asarray(out.frames if hasattr(out, "frames") else out.images)
+
+    plain = generate()
+    skip_nothing = [METHODS[p.split(":")[0]][0] for p in pair]
+    with accelerate(pipe, skip_nothing):
+        assert np.array_equal(generate(), plain)
+    with accelerate(pipe, spec, seed=list(range(4))) as report:
+        out = generate()
+    assert out.shape == plain.shape and np.isfinite(out).all()
+    calls = VARIANTS[variant][3]
+    assert report.transformer_calls == calls
+    assert all(0 <= report.blocks_computed[s] <= t for s, t in report.blocks_total.items())
+    assert snapshot(pipe) == before and registries_empty(pipe.transformer)
