@@ -197,12 +197,11 @@ async def read_body(request: Request, schema: type[Body], *, multipart: bool = F
     converted to the schema's types). Any other content type is 415."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
-    raw = await request.body()
     if media == "application/json":
-        data, strict = _json(raw), True
+        data, strict = _json(await request.body()), True
     elif multipart and media == "multipart/form-data":
-        data, strict = _form(content_type, raw), False
-    else:
+        data, strict = _form(content_type, await request.body()), False
+    else:  # refused before a byte of the body is read
         accepted = "application/json or multipart/form-data" if multipart else "application/json"
         raise APIError(415, f"content type {media or 'none'!r} is not accepted here; send {accepted}",
                        code="unsupported_media_type")

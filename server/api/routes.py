@@ -40,7 +40,7 @@ from server.api.schemas import (
 from server.scheduler import Cancelled, Draining, QueueFull
 
 router = APIRouter()
-# documents the bearer scheme in OpenAPI; the key itself is checked by `require_api_key`
+# documents the bearer scheme in OpenAPI; keys are checked before the body is read (`server.api.guard`)
 bearer = HTTPBearer(auto_error=False, description="one of the server's `api_keys` (only when any are set)")
 
 _ERRORS = {
