@@ -240,19 +240,22 @@ def test_report_and_skipping_change_output(load):
         assert np.abs(plain - out).mean() < 0.05  # close to the plain output, not garbage
 
 
-def test_binomial_spacing_advances_over_skipped_steps():
-    """The authors' multistep: a skipped step's extrapolation joins the history, so two skipped steps in a row give
-    two different outputs along the trajectory (they used to repeat the first one)."""
-    config = ABCacheConfig(order=2, warmup=2, interval=4, spacing="binomial")
-    counters = ABCacheCounters()
-    state = ABCacheState()
-    hook = ABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
-    outputs = []
-    for step in range(4):  # computed 0, 1; skipped 2, 3
-        ctx = type("Ctx", (), {"step_index": step, "num_steps": 8, "sigma": None})()
-        outputs.append(hook(ctx, lambda s=step: torch.full((2,), float(s))))
-    assert counters.computed_calls == 2 and counters.extrapolated_calls == 2
-    assert outputs[2].tolist() == [2.0, 2.0] and outputs[3].tolist() == [3.0, 3.0]
+def test_binomial_spacing_uses_the_computed_outputs_only():
+    """`spacing=binomial` is the authors' fixed weights over the last computed outputs: consecutive skipped steps
+    get the same extrapolation (documented; feeding extrapolations back compounds errors, see abcache.py), while
+    `spacing=steps` moves along the step index."""
+    outputs = {}
+    for spacing in ("binomial", "steps"):
+        config = ABCacheConfig(order=2, warmup=2, interval=4, spacing=spacing)
+        state, counters = ABCacheState(), ABCacheCounters()
+        hook = ABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
+        outputs[spacing] = []
+        for step in range(4):  # computed 0, 1; skipped 2, 3
+            ctx = type("Ctx", (), {"step_index": step, "num_steps": 8, "sigma": None})()
+            outputs[spacing].append(hook(ctx, lambda s=step: torch.full((2,), float(s))).tolist())
+        assert counters.computed_calls == 2 and counters.extrapolated_calls == 2
+    assert outputs["binomial"][2:] == [[2.0, 2.0], [2.0, 2.0]]
+    assert outputs["steps"][2:] == [[2.0, 2.0], [3.0, 3.0]]
 
 
 def test_sortblock_never_ranks_a_block_that_changes_nothing():
