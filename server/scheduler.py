@@ -5,7 +5,8 @@
 - Batching: the oldest waiting request opens a batch; requests with the same model, generation knobs (size,
   steps, guidance, frames; defaults filled in) and acceleration spec (its canonical key) join it, up to
   `max_batch_size`, waiting at most `max_batch_wait_ms` after the oldest arrived. Incompatible requests are
-  never mixed.
+  never mixed, and a spec whose methods decide from the batch's data (`AccelSpec.batch_invariant` False:
+  Sortblock, FBCache, DBCache) runs alone, so no output depends on who else was in its batch.
 - Deadlines and cancellation: polled after every denoising step; a batch whose requests are all cancelled or
   past their deadline is interrupted, so the device is free within one step.
 - Failures: a failed batch of several requests is retried one by one, so a bad request fails alone; an
@@ -156,9 +157,10 @@ class Scheduler:
                 await self._arrived.wait()
                 continue
             head = self.pending[0]
-            batch = [item for item in self.pending if item.key == head.key][: self.settings.max_batch_size]
+            limit = self.settings.max_batch_size if head.spec.batch_invariant else 1
+            batch = [item for item in self.pending if item.key == head.key][:limit]
             wait = head.enqueued + self.settings.max_batch_wait_ms / 1000 - time.monotonic()
-            if len(batch) < self.settings.max_batch_size and wait > 0:
+            if len(batch) < limit and wait > 0:
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), timeout=wait)

@@ -377,3 +377,13 @@ def test_a_job_deleted_elsewhere_is_cancelled_through_the_scheduler(live, client
     _wait_done(item)
     assert cancelled == [item]
     assert item.record.interrupted_at is not None and item.record.interrupted_at - item.cancel_step <= 1
+
+
+def test_data_dependent_specs_are_never_batched(live, records):
+    """Sortblock ranks blocks once per batch (`batch_invariant` False): such requests run alone, so an output never
+    depends on who else was in its batch."""
+    bodies = [{"prompt": f"shape {i}", "seed": i, **SMALL, "acceleration": "sortblock:K=2"} for i in range(4)]
+    with cf.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: httpx.post(live.url + "/v1/images/generations", json=b, timeout=60), bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    assert [r.size for r in records] == [1, 1, 1, 1]

@@ -85,8 +85,8 @@ def test_serve_process_drains_in_flight_work_on_sigterm():
         server.process.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert result["response"].status_code == 200  # finished, not dropped
-        # a clean shutdown; uvicorn re-raises the captured SIGTERM on exit, the conventional status
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        # a clean shutdown after the drain: exit status 0, not death by the signal
+        assert server.process.wait(timeout=60) == 0
         assert "Traceback" not in server.process.stdout.read()
     finally:
         if server.process.poll() is None:

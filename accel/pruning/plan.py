@@ -194,11 +194,11 @@ def load_plans(pipe: Any, plans: dict[str, str | Path]) -> dict[str, Plan]:
     paths."""
     loaded = {}
     for name, path in plans.items():
-        plan = load_plan(path)
         try:
+            plan = load_plan(path)
             plan.check(pipe.transformer)
         except AccelError as exc:
-            raise AccelError(f"prune plan {name!r}: {exc}") from None
+            raise AccelError(f"prune plan {name!r}: {exc}", field=f"prune_plans.{name}") from None
         loaded[name] = plan
     pipe.accel_prune_plans = loaded
     return loaded

@@ -106,7 +106,8 @@ def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -
 
 
 def _deadline(settings: ServerSettings, body) -> float:
-    return time.monotonic() + (body.timeout or settings.request_timeout_s)
+    """A request may ask for less time than the server's `request_timeout_s`, never more."""
+    return time.monotonic() + min(body.timeout or settings.request_timeout_s, settings.request_timeout_s)
 
 
 def image_work(settings: ServerSettings, models: dict[str, LoadedModel], body: ImageGenerationRequest) -> WorkItem:

@@ -78,7 +78,7 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="default: random; returned in the response")
     acceleration: Acceleration = Field(None, description="preset name, method spec, or list of specs (knobs per "
                                        "method: GET /v1/accelerators)")
-    timeout: float | None = Field(None, gt=0.0, le=86400.0, description="seconds before 504; default: server's")
+    timeout: float | None = Field(None, gt=0.0, le=86400.0, description="seconds before 504; default and maximum: the server's request_timeout_s")
     user: str | None = Field(None, max_length=256)
 
     def dimensions(self) -> tuple[int | None, int | None]:
