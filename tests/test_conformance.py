@@ -267,3 +267,23 @@ def test_pairs_with_batches(load, variant, pair):
     assert report.transformer_calls == calls
     assert all(0 <= report.blocks_computed[s] <= t for s, t in report.blocks_total.items())
     assert snapshot(pipe) == before and registries_empty(pipe.transformer)
+
+
+def test_s2_pass_leaves_the_other_methods_state_unchanged(load):
+    """S²'s sub-network pass runs under its own branch: sparse attention's masks of the cond branch are not
+    overwritten by searches on the sub-network, so with a negligible S² weight the output is that of sparse
+    attention alone (it was not: the cond pass then ran with the sub-network's masks)."""
+    pipe = load("bench-flux")
+    sparse = "sparse_attention:block_size=16,dense_steps=1,search_steps=[1,3],sparsity=0.5,backend=reference"
+    kwargs = dict(height=128, width=128, num_inference_steps=5, output_type="np")
+
+    def generate(spec):
+        with accelerate(pipe, spec, seed=0) as report:
+            image = pipe("a red circle on the left", generator=torch.Generator().manual_seed(0), **kwargs).images
+        return np.asarray(image), report
+
+    alone, alone_report = generate(sparse)
+    both, both_report = generate([sparse, "s2:interval=[0,1],omega=1e-9"])
+    assert alone_report.details["sparse_attention"].sparse_calls > 0
+    assert both_report.details["s2"].extra_forwards == 5
+    np.testing.assert_allclose(both, alone, atol=1e-5)
