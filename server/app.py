@@ -14,12 +14,14 @@ import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.api.errors import (
@@ -40,6 +42,7 @@ from server.scheduler import Scheduler
 from server.settings import ServerSettings, SettingsError
 
 log = logging.getLogger("accel.server")
+STATIC = Path(__file__).with_name("static")  # the playground page (plain HTML/JS/CSS, shipped in the wheel)
 
 
 @dataclass
@@ -89,6 +92,9 @@ def create_app(settings: ServerSettings | None = None) -> FastAPI:
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None)
     app.state.accel = app_state
     app.include_router(router)
+    # the playground: static files holding no data; the API calls it makes carry the key typed on the page
+    app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.openapi = lambda: openapi_document(app)
     app.add_exception_handler(APIError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)

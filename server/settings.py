@@ -19,6 +19,11 @@ from accel.loading import DEFAULT_MODEL
 from accel.spec import AccelSpec, method_schemas, parse_spec
 
 
+# the playground page's static files (`server/static`): they hold no data, and a browser's navigation cannot send
+# a bearer header; the API calls the page makes send the key typed on it
+PLAYGROUND_PATHS = ["/", "/static/index.html", "/static/playground.js", "/static/playground.css"]
+
+
 class ModelSettings(BaseModel):
     """One model the server loads at start-up. Requests can only name configured ids."""
 
@@ -72,7 +77,7 @@ class ServerSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     public_paths: list[str] = Field(
         default_factory=lambda: ["/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
-                                 "/redoc"],
+                                 "/redoc", *PLAYGROUND_PATHS],
         description="paths answered without an API key when api_keys are set (exact paths); every other needs one")
     body_timeout_s: float = Field(20.0, gt=0.0, le=3600.0, description="time for a request's body to arrive (408)")
     max_header_bytes: int = Field(16384, ge=1024, le=1 << 20, description="request line and headers (400 beyond)")

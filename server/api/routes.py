@@ -205,10 +205,17 @@ async def delete_video(request: Request, video_id: str) -> VideoDeleted:
 @router.get("/v1/models", dependencies=PROTECTED, operation_id="list_models", responses=errors())
 async def list_models(request: Request) -> ModelList:
     app_state = state(request)
-    return ModelList(data=[ModelCard(id=m, created=int(app_state.started), task=loaded.info.task,
-                                     family=loaded.info.family, default_preset=loaded.settings.default_preset,
-                                     prune_plans=list(loaded.info.prune_plans))
-                           for m, loaded in app_state.engine.models.items()])
+    return ModelList(data=[_card(m, loaded, int(app_state.started)) for m, loaded in app_state.engine.models.items()])
+
+
+def _card(model_id: str, loaded, created: int) -> ModelCard:
+    info, defaults = loaded.info, loaded.info.defaults
+    size = f"{defaults.width}x{defaults.height}" if defaults.width and defaults.height else None
+    return ModelCard(id=model_id, created=created, task=info.task, family=info.family,
+                     default_preset=loaded.settings.default_preset, prune_plans=list(info.prune_plans),
+                     default_size=size, default_steps=defaults.num_inference_steps,
+                     default_guidance=defaults.guidance_scale, default_frames=defaults.num_frames,
+                     size_multiple=info.size_multiple)
 
 
 def _allowed(settings, spec) -> bool:

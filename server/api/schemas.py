@@ -154,6 +154,11 @@ class ModelCard(BaseModel):
     family: str
     default_preset: str
     prune_plans: list[str] = Field(default_factory=list, description="plan names `prune:plan=<name>` may use")
+    default_size: str | None = Field(None, description="WxH a request without `size` gets")
+    default_steps: int | None = Field(None, description="num_inference_steps a request without it gets")
+    default_guidance: float | None = None
+    default_frames: int | None = Field(None, description="videos: frames a request without seconds/num_frames gets")
+    size_multiple: int = Field(1, description="width and height must be multiples of this")
 
 
 class ModelList(BaseModel):
