@@ -39,5 +39,6 @@ def validation_errors(errors: list[dict[str, Any]], prefix: str | None = None) -
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", prefix)]
         field = ".".join([prefix, *loc] if prefix else loc) or prefix or "body"
         first = first or field
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")  # our validators' own words
+        parts.append(f"{field}: {message}")
     return "; ".join(parts), first
