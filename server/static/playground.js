@@ -93,8 +93,8 @@ async function loadListings() {
   }
   const select = $("model");
   select.replaceChildren(...Object.values(state.models).map((m) => new Option(`${m.id} (${m.task})`, m.id)));
-  buildPresets();
   buildMethods();
+  buildPresets();
   modelChanged();
   setStatus("ready");
 }
@@ -435,5 +435,9 @@ $("preset").addEventListener("change", presetChanged);
 $("generate").addEventListener("click", () => generate(false));
 $("compare").addEventListener("click", () => generate(true));
 $("cancel").addEventListener("click", cancel);
-$("key-apply").addEventListener("click", () => { state.key = $("api-key").value.trim(); loadListings(); });
+$("key-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.key = $("api-key").value.trim();
+  loadListings();
+});
 loadListings();
