@@ -53,6 +53,7 @@ class ModelAdapter:
     text_first: bool = False
     mag_ratios: tuple[float, ...] | None = None
     skip_layers_argument: str | None = None  # the transformer's argument listing blocks it skips itself (SD3's SLG)
+    unbatched_arguments: tuple[str, ...] = ()  # the transformer's tensor arguments without a batch dimension
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
@@ -107,6 +108,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             cfg_layout="separate",
             task="text-to-image",
             guidance="true_cfg",
+            unbatched_arguments=("img_ids", "txt_ids"),  # (tokens, 3) position ids, shared by the batch
             self_attention="attn",  # joint [text, image] attention in dual and single blocks
             text_first=True,
             mag_ratios=tuple(float(r) for r in FLUX_MAG_RATIOS),

@@ -46,7 +46,8 @@ class Counters:
 
     def add(self, other: "Counters") -> None:
         """Add another call's counts to these (the totals of an `accelerate` block): numbers add up, lists are
-        concatenated, except fields marked `metadata={"total": "union"}` (e.g. the blocks a plan prunes)."""
+        concatenated, except fields marked `metadata={"total": "union"}` (e.g. the blocks a plan prunes); texts
+        keep the latest non-empty one."""
         for spec in fields(self):
             mine, theirs = getattr(self, spec.name), getattr(other, spec.name)
             if isinstance(mine, list):
@@ -54,6 +55,8 @@ class Counters:
                 mine.extend(v for v in theirs if not (union and v in mine))
             elif isinstance(mine, (int, float)) and not isinstance(mine, bool):
                 setattr(self, spec.name, mine + theirs)
+            elif isinstance(mine, str) and theirs:  # a description of the latest event (e.g. why a fallback)
+                setattr(self, spec.name, theirs)
 
 
 @dataclass

@@ -185,11 +185,14 @@ class _StepTrackerHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         session = self.session
+        outer = self.pipeline_context._context
         if session.report is None:  # the transformer called outside a pipeline call
+            session.begin_call(None)
+        elif not session.in_pipeline_call and session.tracker.restarts(outer, kwargs.get("timestep")):
+            session.end_call()  # another denoising loop (e.g. a second pipeline sharing this transformer): fresh state
             session.begin_call(None)
         if not session.started:
             session.start()
-        outer = self.pipeline_context._context
         ctx = session.tracker.advance(outer, kwargs.get("timestep"), self.name)
         report = session.report
         report.transformer_calls += 1
@@ -218,8 +221,16 @@ class StepTracker:
         self.order = 0  # calls so far in the current step
         self._last_timestep: float | None = None
 
+    def restarts(self, outer: CacheContext | None, timestep: Any) -> bool:
+        """Whether this call starts a new denoising loop: the step goes back (the pipeline's own step index, or a
+        timestep above the last one: timesteps fall within a loop)."""
+        if outer is not None and outer.step_index is not None:
+            return int(outer.step_index) < self.step_index
+        value = _timestep_value(timestep)
+        return value is not None and self._last_timestep is not None and value > self._last_timestep
+
     def advance(self, outer: CacheContext | None, timestep: Any, transformer: str = "transformer") -> StepContext:
-        value = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
+        value = _timestep_value(timestep)
         previous = self.step_index
         if outer is not None and outer.step_index is not None:
             self.step_index = int(outer.step_index)
@@ -254,15 +265,22 @@ class StepTracker:
         return f"extra{self.order - first_extra + 1}", "extra"
 
 
-def _recording_class(cls: type, session: "AccelSession") -> type:
-    """A subclass of the pipeline's class whose `__call__` opens a call of the session with its arguments (the
-    values the pipeline will use: the model's defaults, then the pipeline's, for what the caller left out), runs
-    the original call, and closes the session's call."""
+def _timestep_value(timestep: Any) -> float | None:
+    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
+
+
+@functools.cache
+def _recording_class(cls: type) -> type:
+    """A subclass of the pipeline's class (one per class, made once) whose `__call__` opens a call of the session
+    attached to the pipeline (`pipe._accel_session`) with its arguments (the values the pipeline will use: the
+    model's defaults, then the pipeline's, for what the caller left out), runs the original call, and closes the
+    session's call. The session is found on the instance, so the class keeps no session alive."""
     signature = inspect.signature(cls.__call__)
 
     @functools.wraps(cls.__call__)
     def __call__(pipe, *args, **kwargs):
-        if session.in_pipeline_call:  # a pipeline calling itself: one call
+        session = pipe.__dict__.get("_accel_session")
+        if session is None or session.in_pipeline_call:  # no block, or a pipeline calling itself: one call
             return cls.__call__(pipe, *args, **kwargs)
         bound = signature.bind_partial(pipe, *args, **kwargs)
         fill_model_defaults(pipe, bound)
@@ -394,7 +412,8 @@ class AccelSession:
 
     # -- life cycle --------------------------------------------------------------------------------------------
     def attach(self) -> None:
-        self.pipe.__class__ = _recording_class(self._pipe_class, self)
+        self.pipe.__class__ = _recording_class(self._pipe_class)
+        self.pipe.__dict__["_accel_session"] = self
         self._undo.append(self._restore_pipe_class)
         for method, config in self.methods:  # methods that wrap the pipeline call itself go on before it starts
             if method.at_attach:
@@ -405,6 +424,7 @@ class AccelSession:
             self.add_hook(transformer, _StepTrackerHook(self, name), TRACKER_HOOK)
 
     def _restore_pipe_class(self) -> None:
+        self.pipe.__dict__.pop("_accel_session", None)
         self.pipe.__class__ = self._pipe_class
 
     def begin_call(self, call_kwargs: dict[str, Any] | None) -> None:

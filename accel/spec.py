@@ -152,10 +152,16 @@ def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
 
     Conflicts are checked here, once, from what each `Method` declares: at most one method of an `exclusive`
     group, and none of the methods a method `conflicts` with."""
+    context = {"plans": frozenset(plans)} if plans is not None else None
+    if isinstance(spec, AccelSpec):
+        configs = list(spec)
+    else:
+        configs = [validate_one(item, context) for item in _expand(spec)]
+    if context is not None:  # configs passed in as objects skipped validation: check their plan names too
+        configs = [validate_one(config.model_dump(), context) if config.method == "prune" else config
+                   for config in configs]
     if isinstance(spec, AccelSpec):
         return spec
-    context = {"plans": frozenset(plans)} if plans is not None else None
-    configs = [validate_one(item, context) for item in _expand(spec)]
     names = [config.method for config in configs]
     groups: dict[str, str] = {}
     for name in names:

@@ -258,3 +258,22 @@ def test_recorded_call_arguments_are_the_ones_the_pipeline_uses(load):
     assert seen[0]["num_frames"] == defaults.num_frames and seen[0]["height"] == defaults.height
     if defaults.guidance_scale is not None:
         assert seen[0]["guidance_scale"] == defaults.guidance_scale
+
+
+def test_counters_totals_add_numbers_join_lists_and_keep_the_latest_text():
+    from dataclasses import dataclass, field
+
+    from accel.base import Counters
+
+    @dataclass
+    class Example(Counters):
+        calls: int = 0
+        seconds: float = 0.0
+        steps: list[int] = field(default_factory=list)
+        names: list[str] = field(default_factory=list, metadata={"total": "union"})
+        reason: str = ""
+
+    total = Example(1, 0.5, [1], ["a"], "first")
+    total.add(Example(2, 0.25, [2], ["a", "b"], ""))
+    total.add(Example(0, 0.0, [], [], "latest"))
+    assert total == Example(3, 0.75, [1, 2], ["a", "b"], "latest")

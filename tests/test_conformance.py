@@ -287,3 +287,51 @@ def test_s2_pass_leaves_the_other_methods_state_unchanged(load):
     assert alone_report.details["sparse_attention"].sparse_calls > 0
     assert both_report.details["s2"].extra_forwards == 5
     np.testing.assert_allclose(both, alone, atol=1e-5)
+
+
+def test_another_pipeline_sharing_the_transformer_gets_fresh_state_per_loop(load):
+    """A pipeline built from the accelerated one's components (`from_pipe`, `**pipe.components`) is not wrapped,
+    but each of its denoising loops starts afresh (the step goes back): no state crosses its calls."""
+    from diffusers import FluxPipeline
+
+    pipe = load("tiny-flux")
+    other = FluxPipeline(**pipe.components)
+    kwargs = dict(prompt="a red circle", height=64, width=64, num_inference_steps=4, output_type="np")
+    spec = "abcache:warmup=1,interval=2"
+    with accelerate(pipe, spec):
+        reference = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    with accelerate(pipe, spec) as report:
+        first, second = (other(generator=torch.Generator().manual_seed(0), **kwargs).images for _ in range(2))
+    assert np.array_equal(first, reference) and np.array_equal(second, reference)
+    assert len(report.calls) == 2 and report.steps == 8
+
+
+def test_s2_never_cuts_arguments_without_a_batch_dimension(load):
+    """FLUX's position ids are (tokens, 3): with as many tokens as items, S²'s per-mask row selection cut them too."""
+    from diffusers import FluxTransformer2DModel
+
+    from accel.generate import GenerationParams, generate
+
+    base = load("tiny-flux")
+    config = dict(base.transformer.config, num_layers=4, num_single_layers=4)
+    torch.manual_seed(0)
+    pipe = type(base)(**{**base.components, "transformer": FluxTransformer2DModel.from_config(config).eval()})
+    pipe.accel_defaults = base.accel_defaults
+    params = GenerationParams(prompt="a red circle", height=32, width=32, num_inference_steps=2, num_outputs=4)
+    result = generate(pipe, params, "s2:interval=[0,1],drop_ratio=0.5")  # 4 image tokens, 4 items
+    assert result.report["details"]["s2"]["extra_forwards"] > 2  # items drew different masks: several passes
+    assert np.isfinite(result.images).all()
+
+
+def test_a_sessions_pipeline_class_keeps_no_session_alive(load):
+    """The wrapped pipeline class is made once per class and finds its session on the instance: caches keyed on the
+    class (e.g. its call signature) cannot keep every request's session alive."""
+    import gc
+
+    pipe = load("tiny-flux")
+    classes = set()
+    for _ in range(3):
+        with accelerate(pipe, "abcache"):
+            classes.add(type(pipe))
+    gc.collect()
+    assert len(classes) == 1 and not any(isinstance(o, AccelSession) for o in gc.get_objects())

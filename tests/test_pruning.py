@@ -193,3 +193,11 @@ def test_a_file_that_is_not_a_plan_is_a_clear_error_that_echoes_nothing(tmp_path
     assert "secret-value" not in str(info.value)
     with pytest.raises(AccelError):
         load_pipeline("tiny-flux", prune_plans={"bad": path})
+
+
+def test_plan_names_are_checked_on_parsed_specs_too():
+    """A spec passed as an already parsed `AccelSpec` or as config objects is held to the same plan names."""
+    parsed = parse_spec("prune:plan=/etc/passwd,ratio=0.3")
+    for spec in (parsed, list(parsed)):
+        with pytest.raises(SpecError, match="unknown plan"):
+            parse_spec(spec, plans={"good"})

@@ -89,17 +89,21 @@ def _enable(session: AccelSession, apply_fn, config, hook_names: tuple[str, ...]
     e.g. SD3's lacks `CacheMixin`) to every transformer of the pipeline, and remove its hooks by name on exit.
     With `count_hook`, the calls of every module carrying that hook are counted into `counters` for the call."""
     undo = []
-    for transformer in session.transformers.values():
-        apply_fn(transformer, config)
-        if count_hook is not None:
-            undo.append(_count_hooked_calls(transformer, count_hook, counters))
-        registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        undo.extend(functools.partial(registry.remove_hook, name, recurse=True) for name in hook_names)
 
     def remove() -> None:  # counting wrappers first: removing a hook hands its forward back to the module
         for step in undo:
             step()
 
+    try:
+        for transformer in session.transformers.values():
+            registry = HookRegistry.check_if_exists_or_initialize(transformer)
+            undo.extend(functools.partial(registry.remove_hook, name, recurse=True) for name in hook_names)
+            apply_fn(transformer, config)
+            if count_hook is not None:
+                undo.insert(0, _count_hooked_calls(transformer, count_hook, counters))
+    except Exception:
+        remove()  # a failure on a later transformer leaves no hook on the earlier ones
+        raise
     return MethodHandle(counters or Counters(), on_remove=remove)
 
 

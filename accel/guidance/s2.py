@@ -29,7 +29,8 @@ Definitions (where the paper is terse):
   without true CFG the no-CFG formula applies); Wan: `guidance_scale`, or Wan 2.2's `guidance_scale_2` below the
   expert boundary; SD3 (one pass over cat([uncond, cond])): `guidance_scale`; only the cond half of the batch is
   corrected and only the cond half is run through the sub-network. SD3's own skip-layer-guidance call
-  (`skip_layers=`) is passed through untouched.
+  (`skip_layers=`) is passed through untouched. Another pipeline sharing the accelerated pipeline's transformer
+  (`from_pipe`) is not wrapped, so its arguments are unknown: S² then uses the no-CFG weight ω.
 
 Composition with caches: the sub-network pass runs inside this method's call hook (innermost of all call hooks,
 so a denoiser-level cache such as AB-Cache stores the corrected output, never D̂). During the pass every block's
@@ -183,20 +184,21 @@ class S2CallHook:
                     predicted = predicted[[half + i for i in items]]
                 total[items] += predicted.float()
         d_hat = total / self.config.passes
-        weight = self.config.omega / lam if lam is not None else self.config.omega
+        weight = self.config.omega / lam if lam else self.config.omega  # no combine (or a zero scale): plain ω
         corrected = cond - weight * (d_hat - cond)  # in float32, whatever the model's dtype
         self.counters.active_steps += 1
         if half:
             corrected = torch.cat([sample[:half].float(), corrected], dim=0)
         return wrap(corrected.to(sample.dtype))
 
-    @staticmethod
-    def _subnet_call(call, batch: int, rows: list[int] | None):
+    def _subnet_call(self, call, batch: int, rows: list[int] | None):
         """A callable running the transformer on the given rows of the call's batch only (the cond half for
-        batched CFG, or the items sharing one mask); `rows=None`: the whole call."""
+        batched CFG, or the items sharing one mask); `rows=None`: the whole call. Tensors the adapter names as
+        unbatched (FLUX's position ids) are never cut, whatever their length."""
         if rows is None or not isinstance(call, functools.partial):
             return call
         index = torch.tensor(rows)
+        shared = self.session.adapter.unbatched_arguments
 
         def cut(value):
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
@@ -204,7 +206,7 @@ class S2CallHook:
             return value
 
         args = tuple(cut(a) for a in call.args)
-        kwargs = {k: cut(v) for k, v in (call.keywords or {}).items()}
+        kwargs = {k: v if k in shared else cut(v) for k, v in (call.keywords or {}).items()}
         return functools.partial(call.func, *args, **kwargs)
 
     def _run_masked(self, subnet, mask: dict[str, list[int]], ctx: StepContext) -> torch.Tensor:
