@@ -100,9 +100,11 @@ def parse_shorthand(text: str) -> dict[str, Any]:
 
 def validate_one(item: Any, context: dict[str, Any] | None = None) -> MethodConfig:
     """One spec item (config, dict or shorthand without presets) -> validated config. `context` reaches the
-    configs' validators (e.g. the plan names `prune` accepts)."""
+    configs' validators (e.g. the plan names `prune` accepts), also for a config passed in as an object."""
     if isinstance(item, MethodConfig):
-        return item
+        if context is None:
+            return item
+        item = item.model_dump()
     if isinstance(item, str):
         item = parse_shorthand(item)
     if not isinstance(item, dict):
@@ -152,16 +154,10 @@ def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
 
     Conflicts are checked here, once, from what each `Method` declares: at most one method of an `exclusive`
     group, and none of the methods a method `conflicts` with."""
-    context = {"plans": frozenset(plans)} if plans is not None else None
-    if isinstance(spec, AccelSpec):
-        configs = list(spec)
-    else:
-        configs = [validate_one(item, context) for item in _expand(spec)]
-    if context is not None:  # configs passed in as objects skipped validation: check their plan names too
-        configs = [validate_one(config.model_dump(), context) if config.method == "prune" else config
-                   for config in configs]
-    if isinstance(spec, AccelSpec):
+    if isinstance(spec, AccelSpec) and plans is None:
         return spec
+    context = {"plans": frozenset(plans)} if plans is not None else None
+    configs = [validate_one(item, context) for item in _expand(spec)]
     names = [config.method for config in configs]
     groups: dict[str, str] = {}
     for name in names:
