@@ -104,16 +104,8 @@ def calibrate(pipe: Any, prompts: Iterable[str], *, steps: int = 8, seeds: int =
     if not prompts or steps < 1 or seeds < 1:
         raise ValueError("calibrate needs at least one prompt, one step and one seed")
     transformer = pipe.transformer
-    defaults = getattr(pipe, "accel_defaults", None)
-    kwargs: dict[str, Any] = {}
-    if defaults is not None:
-        for key in ("height", "width", "num_frames"):
-            if getattr(defaults, key, None) is not None:
-                kwargs[key] = getattr(defaults, key)
-        if defaults.guidance_scale is not None:
-            kwargs["guidance_scale"] = defaults.guidance_scale
-        kwargs.update(defaults.extra)
-    kwargs.update(pipe_kwargs, num_inference_steps=steps)
+    # a loaded pipeline's call fills in the model's own defaults (size, guidance, text length) by itself
+    kwargs: dict[str, Any] = {**pipe_kwargs, "num_inference_steps": steps}
     protected = protected_blocks(transformer)
     sizes = block_sizes(transformer)
     names = [f"{s}.{i}" for s, n in sizes.items() for i in range(n)]
