@@ -32,7 +32,7 @@ import contextlib
 import copy
 import functools
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterator, Literal
 
 import torch
@@ -400,7 +400,7 @@ class AccelSession:
         transformer = self.transformers[ctx.transformer]
         self._set_branch(ctx.cache_context(name), transformer)
         saved = self.current
-        self.current = StepContext(**{**asdict(ctx), "branch": name})
+        self.current = replace(ctx, branch=name)
         try:
             yield pass_counters
         finally:
