@@ -13,7 +13,15 @@ from diffusers import DiffusionPipeline
 from accel.errors import ModelNotFoundError
 from accel.models.pipelines import ModelDefaults, prepare
 from accel.models.shapes_flux import MAX_SEQUENCE_LENGTH, load_shapes_flux
-from accel.models.tiny import build_bench_flux, build_tiny_flux, build_tiny_sd3, build_tiny_wan
+from accel.models.cogvideox import build_tiny_cogvideox
+from accel.models.flux2 import build_tiny_flux2
+from accel.models.hunyuanvideo15 import build_tiny_hunyuanvideo15
+from accel.models.ltx import build_tiny_ltx
+from accel.models.pixart import build_tiny_pixart
+from accel.models.qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit
+from accel.models.tiny import build_bench_flux, build_tiny_flux, build_tiny_flux_kontext, build_tiny_sd3, build_tiny_wan
+from accel.models.wan22 import build_tiny_wan22, build_tiny_wan22_i2v
+from accel.models.zimage import build_tiny_zimage
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -37,8 +45,8 @@ class BuiltinModel:
     """
 
     name: str
-    task: Literal["text-to-image", "text-to-video"]
-    family: Literal["flux", "wan", "sd3"]
+    task: Literal["text-to-image", "text-to-video", "image-edit", "image-to-video"]
+    family: str  # an `accel.adapters.ADAPTERS` key
     description: str
     default_height: int
     default_width: int
@@ -124,6 +132,144 @@ RANDOM_MODELS = _records(
         default_frames=None,
         default_guidance=5.0,
         builder=build_tiny_sd3,
+    ),
+    BuiltinModel(
+        name="tiny-flux-kontext",
+        task="image-edit",
+        family="flux",
+        description="random FLUX.1 Kontext (tiny-flux's weights in FluxKontextPipeline): image editing",
+        default_height=128,
+        default_width=128,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=3.5,
+        builder=build_tiny_flux_kontext,
+        pipeline_kwargs={"max_area": 128 * 128},  # Kontext resizes the input image to this area (default 1024²)
+    ),
+    BuiltinModel(
+        name="tiny-flux2",
+        task="text-to-image",
+        family="flux2",
+        description="random FLUX.2 (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=4.0,
+        builder=build_tiny_flux2,
+    ),
+    BuiltinModel(
+        name="tiny-qwen-image",
+        task="text-to-image",
+        family="qwen-image",
+        description="random Qwen-Image (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=1.0,
+        builder=build_tiny_qwen_image,
+    ),
+    BuiltinModel(
+        name="tiny-qwen-image-edit",
+        task="image-edit",
+        family="qwen-image",
+        description="random Qwen-Image-Edit-Plus (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=1.0,
+        builder=build_tiny_qwen_image_edit,
+    ),
+    BuiltinModel(
+        name="tiny-zimage",
+        task="text-to-image",
+        family="zimage",
+        description="random Z-Image (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=5.0,
+        builder=build_tiny_zimage,
+    ),
+    BuiltinModel(
+        name="tiny-pixart",
+        task="text-to-image",
+        family="pixart",
+        description="random PixArt-Sigma (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=None,
+        default_guidance=4.5,
+        builder=build_tiny_pixart,
+    ),
+    BuiltinModel(
+        name="tiny-wan22",
+        task="text-to-video",
+        family="wan",
+        description="random Wan 2.2 text-to-video with two experts (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=5,
+        default_guidance=4.0,
+        builder=build_tiny_wan22,
+        default_fps=8,
+    ),
+    BuiltinModel(
+        name="tiny-wan22-i2v",
+        task="image-to-video",
+        family="wan",
+        description="random Wan 2.2 image-to-video with two experts (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=5,
+        default_guidance=4.0,
+        builder=build_tiny_wan22_i2v,
+        default_fps=8,
+    ),
+    BuiltinModel(
+        name="tiny-hunyuanvideo15",
+        task="text-to-video",
+        family="hunyuanvideo15",
+        description="random HunyuanVideo 1.5 (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=5,
+        default_guidance=6.0,
+        builder=build_tiny_hunyuanvideo15,
+        default_fps=8,
+    ),
+    BuiltinModel(
+        name="tiny-ltx",
+        task="text-to-video",
+        family="ltx",
+        description="random LTX-Video (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=9,
+        default_guidance=3.0,
+        builder=build_tiny_ltx,
+        default_fps=8,
+    ),
+    BuiltinModel(
+        name="tiny-cogvideox",
+        task="text-to-video",
+        family="cogvideox",
+        description="random CogVideoX (TODO)",
+        default_height=64,
+        default_width=64,
+        default_steps=8,
+        default_frames=5,
+        default_guidance=6.0,
+        builder=build_tiny_cogvideox,
+        default_fps=8,
     ),
     BuiltinModel(
         name="bench-flux",

@@ -1,6 +1,6 @@
 """Built-in pipelines with random weights, assembled offline from config objects (`accel.models.components`).
 
-- ``tiny-flux``, ``tiny-wan``, ``tiny-sd3``: the smallest models that still exercise every code path of their family
+- ``tiny-flux``, ``tiny-flux-kontext``, ``tiny-wan``, ``tiny-sd3``: the smallest models that still exercise every code path of their family
   (dual + single stream blocks, CFG layouts, VAE decoding, both text encoders). For tests and for checking fidelity
   (an accelerated output against the plain output of the same seed); far too small to time.
 - ``bench-flux``: a FLUX-architecture model large enough that the transformer, not Python overhead, dominates a
@@ -18,6 +18,7 @@ from __future__ import annotations
 from diffusers import (
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
+    FluxKontextPipeline,
     FluxPipeline,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -40,7 +41,7 @@ from accel.models.components import (
     t5_tokenizer,
 )
 
-__all__ = ["build_bench_flux", "build_tiny_flux", "build_tiny_sd3", "build_tiny_wan"]
+__all__ = ["build_bench_flux", "build_tiny_flux", "build_tiny_flux_kontext", "build_tiny_sd3", "build_tiny_wan"]
 
 
 def _flux_pipeline(
@@ -68,6 +69,12 @@ def _flux_pipeline(
 def build_tiny_flux(seed: int = 0) -> FluxPipeline:
     """FLUX, 2 dual-stream + 2 single-stream blocks, 4 heads of 16 (inner dim 64)."""
     return _flux_pipeline(seed, heads=4, head_dim=16, dual=2, single=2, axes_dims_rope=(4, 6, 6))
+
+
+def build_tiny_flux_kontext(seed: int = 0) -> FluxKontextPipeline:
+    """FLUX.1 Kontext (image editing): tiny-flux's components in `FluxKontextPipeline`, which appends the input
+    image's latent tokens to the sequence (no image encoder: IP-Adapter is not used)."""
+    return FluxKontextPipeline(**build_tiny_flux(seed).components)
 
 
 def build_bench_flux(seed: int = 0) -> FluxPipeline:
