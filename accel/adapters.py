@@ -135,6 +135,32 @@ ADAPTERS: dict[str, ModelAdapter] = {
 }
 
 
+# What a pipeline class does, when it is not its family's text-to-X task: the input images its call takes
+# (`image=`, one or a list) make it an editing or an image-to-video pipeline. FLUX.2 both generates and edits (its
+# `image=` is a list of reference images).
+PIPELINE_TASKS: dict[str, tuple[str, ...]] = {
+    "FluxKontextPipeline": ("image-edit",),
+    "QwenImageEditPipeline": ("image-edit",),
+    "QwenImageEditPlusPipeline": ("image-edit",),
+    "Flux2Pipeline": ("text-to-image", "image-edit"),
+    "Flux2KleinPipeline": ("text-to-image", "image-edit"),
+    "WanImageToVideoPipeline": ("image-to-video",),
+    "HunyuanVideo15ImageToVideoPipeline": ("image-to-video",),
+    "LTXImageToVideoPipeline": ("image-to-video",),
+    "CogVideoXImageToVideoPipeline": ("image-to-video",),
+}
+# how many input images a pipeline's `image=` takes (1 unless listed)
+PIPELINE_MAX_IMAGES: dict[str, int] = {"QwenImageEditPlusPipeline": 3, "Flux2Pipeline": 4, "Flux2KleinPipeline": 4}
+
+
+def pipeline_tasks(pipe: Any) -> tuple[str, ...]:
+    """The tasks a pipeline can serve: its class's (`PIPELINE_TASKS`), else its family's."""
+    for cls in type(pipe).__mro__:  # wrapped pipeline classes are subclasses of the diffusers class
+        if cls.__name__ in PIPELINE_TASKS:
+            return PIPELINE_TASKS[cls.__name__]
+    return (adapter_for(pipe).task,)
+
+
 def parse_block_name(name: str, sizes: dict[str, int], field: str) -> tuple[str, int]:
     """"stack.index" -> (stack, index), checked against the stacks' sizes; a SpecError for `field` naming the
     blocks that exist otherwise. The one parser of block names (prune, S², plan files)."""
