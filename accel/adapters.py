@@ -29,11 +29,22 @@ class ModelAdapter:
 
     stacks: attribute names of the `nn.ModuleList`s of blocks, in execution order (FLUX: dual-stream then
         single-stream).
-    cfg_layout: how the pipeline runs classifier-free guidance: "separate" (one transformer call per branch inside
-        `cache_context("cond"/"uncond")`), or "batch" (one call on `cat([uncond, cond])`).
-    guidance: where the scale λ of the pipeline's CFG combine comes from (`cfg_scale`): "true_cfg" (FLUX:
-        `true_cfg_scale` with a negative prompt; its embedded `guidance_scale` is no combine), "cfg"
-        (`guidance_scale`, and Wan 2.2's `guidance_scale_2` below the expert boundary).
+    cfg_layout: how the pipeline runs classifier-free guidance: "separate" (one transformer call per branch, under
+        `cache_context("cond"/"uncond")` or in that order), or "batch" (one call on both halves, see `batch_order`).
+    batch_order: which half of a batched-CFG call is the conditional one: "uncond_first" (`cat([uncond, cond])`,
+        SD3, PixArt, LTX, CogVideoX) or "cond_first" (Z-Image's `cat([positive, negative])`).
+    guidance: where the scale λ of the pipeline's CFG combine `u + λ(c - u)` comes from (`cfg_scale`):
+        "true_cfg" (FLUX.1, Qwen-Image: `true_cfg_scale` with a negative prompt; an embedded `guidance_scale` is no
+        combine), "cfg" (`guidance_scale` when the pipeline runs CFG: its `do_classifier_free_guidance`, or, for
+        pipelines without that property, a scale above 1 on a transformer that does not embed it; Wan 2.2's
+        `guidance_scale_2` below the expert boundary), "guider" (a diffusers guider on `pipe.guider`: HunyuanVideo
+        1.5).
+    guidance_offset: added to the scale to get λ: Z-Image combines `c + s(c - u)`, which is λ = s + 1.
+    timestep_argument: the transformer's argument carrying the timestep (by name or position; Z-Image's is `t`).
+    latent_packing: latent patches the pipeline packs into one token itself (FLUX-style 2x2; None: the
+        transformer's own `patch_size`), for the size multiple.
+    block_metadata: where hidden states sit in the inputs and outputs of block classes that diffusers'
+        `TransformerBlockRegistry` lacks or describes wrongly (Z-Image's blocks take `x`).
     self_attention: attribute of a block's self-attention module (the one attention methods may change), or None
         where no attention method supports the family yet.
     text_first: whether text tokens lead that attention's sequence (FLUX's joint [text, image] attention).
@@ -48,7 +59,12 @@ class ModelAdapter:
     stacks: tuple[str, ...]
     cfg_layout: Literal["separate", "batch"]
     task: Literal["text-to-image", "text-to-video"]
-    guidance: Literal["true_cfg", "cfg"] = "cfg"
+    guidance: Literal["true_cfg", "cfg", "guider"] = "cfg"
+    guidance_offset: float = 0.0
+    batch_order: Literal["uncond_first", "cond_first"] = "uncond_first"
+    timestep_argument: str = "timestep"
+    latent_packing: int | None = None
+    block_metadata: tuple[tuple[str, TransformerBlockMetadata], ...] = ()  # (block class name, metadata)
     self_attention: str | None = None
     text_first: bool = False
     mag_ratios: tuple[float, ...] | None = None
@@ -65,36 +81,66 @@ class ModelAdapter:
         """λ of the CFG combine that follows the current denoiser call, or None when none follows. `call_kwargs`:
         the running pipeline call's arguments with its defaults (`AccelSession.call_kwargs`; None when the
         transformer is called outside a pipeline call); `timestep` on the 0..1000 scale."""
+        scale = self._guidance_scale(pipe, call_kwargs, timestep)
+        return None if scale is None else scale + self.guidance_offset
+
+    def _guidance_scale(self, pipe: Any, call_kwargs: dict[str, Any] | None, timestep: float) -> float | None:
         if self.guidance == "true_cfg":
             if call_kwargs is None:
                 return None
             negative = call_kwargs.get("negative_prompt") is not None or (
                 call_kwargs.get("negative_prompt_embeds") is not None
-                and call_kwargs.get("negative_pooled_prompt_embeds") is not None
+                and ("negative_pooled_prompt_embeds" not in call_kwargs  # pipelines without pooled embeddings
+                     or call_kwargs.get("negative_pooled_prompt_embeds") is not None)
             )
             scale = float(call_kwargs.get("true_cfg_scale") or 1.0)
             return scale if scale > 1 and negative else None
-        if not getattr(pipe, "do_classifier_free_guidance", False):
+        if self.guidance == "guider":
+            guider = getattr(pipe, "guider", None)
+            enabled = guider is not None and getattr(guider, "_enabled", True) and guider.num_conditions > 1
+            return float(guider.guidance_scale) if enabled else None
+        scale = pipe.guidance_scale if call_kwargs is None else call_kwargs.get("guidance_scale")
+        if scale is None:
             return None
-        if call_kwargs is None:
-            return float(pipe.guidance_scale)
-        scale = call_kwargs["guidance_scale"]
-        boundary = pipe.config.get("boundary_ratio") if hasattr(pipe.config, "get") else None
-        if boundary is not None and timestep < boundary * pipe.scheduler.config.num_train_timesteps:
+        if hasattr(type(pipe), "do_classifier_free_guidance"):
+            if not pipe.do_classifier_free_guidance:
+                return None
+        elif float(scale) <= 1 or _config(pipe.transformer, "guidance_embeds", False):
+            return None  # diffusers' rule without the property; an embedded guidance scale is no combine
+        boundary = _config(pipe, "boundary_ratio", None)
+        if call_kwargs is not None and boundary is not None \
+                and timestep < boundary * pipe.scheduler.config.num_train_timesteps:
             second = call_kwargs.get("guidance_scale_2")  # Wan 2.2: the low-noise expert's scale
             scale = second if second is not None else scale
         return float(scale)
 
+    def timestep_of(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The timestep a transformer call was given (by keyword or by position in its `forward`)."""
+        if self.timestep_argument in kwargs:
+            return kwargs[self.timestep_argument]
+        index = _positions(type(transformer).forward).get(self.timestep_argument)
+        return args[index] if index is not None and index < len(args) else None
+
     def size_multiple(self, pipe: Any) -> int:
-        """Height and width must be multiples of this: the VAE's spatial factor times the transformer's patch."""
-        vae_factor = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
-        config = pipe.transformer.config
-        patch = config.get("patch_size", 2) if hasattr(config, "get") else getattr(config, "patch_size", 2)
+        """Height and width must be multiples of this: the VAE's spatial factor times the latent patch."""
+        vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
+                      or getattr(pipe, "vae_spatial_compression_ratio", None)
+                      or getattr(pipe, "vae_scale_factor", 8))
+        patch = self.latent_packing or _config(pipe.transformer, "patch_size", None) or 1
         if isinstance(patch, (list, tuple)):  # Wan: (t, h, w)
             patch = patch[-1]
-        if self.family == "flux":  # FLUX packs 2x2 latent patches; patch_size in its config is 1
-            patch = 2
         return int(vae_factor) * int(patch)
+
+
+def _config(obj: Any, name: str, default: Any) -> Any:
+    config = getattr(obj, "config", None)
+    return config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
+
+
+@functools.cache
+def _positions(function: Any) -> dict[str, int]:
+    """Argument name -> position in a call of the method `function` on an instance (self excluded)."""
+    return {name: i for i, name in enumerate(list(inspect.signature(function).parameters)[1:])}
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -108,6 +154,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
             cfg_layout="separate",
             task="text-to-image",
             guidance="true_cfg",
+            latent_packing=2,
             unbatched_arguments=("img_ids", "txt_ids"),  # (tokens, 3) position ids, shared by the batch
             self_attention="attn",  # joint [text, image] attention in dual and single blocks
             text_first=True,
@@ -116,11 +163,89 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter(
             family="wan",
             transformer_class="WanTransformer3DModel",
-            pipeline_classes=("WanPipeline",),
+            pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
             stacks=("blocks",),
             cfg_layout="separate",
             task="text-to-video",
             self_attention="attn1",  # self-attention over video tokens; attn2 (cross-attention to text) untouched
+        ),
+        ModelAdapter(
+            family="flux2",
+            transformer_class="Flux2Transformer2DModel",
+            pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
+            stacks=("transformer_blocks", "single_transformer_blocks"),
+            cfg_layout="separate",  # Klein: "cond" then "uncond"; FLUX.2 [dev] embeds guidance (no combine)
+            task="text-to-image",
+            latent_packing=2,
+            self_attention="attn",  # joint [text, image] attention (dual blocks); single blocks: the joint sequence
+            text_first=True,
+        ),
+        ModelAdapter(
+            family="qwen-image",
+            transformer_class="QwenImageTransformer2DModel",
+            pipeline_classes=("QwenImagePipeline", "QwenImageEditPlusPipeline"),
+            stacks=("transformer_blocks",),
+            cfg_layout="separate",
+            task="text-to-image",
+            guidance="true_cfg",  # the combine is followed by a rescale to the cond norm: λ is approximate there
+            latent_packing=2,
+            self_attention="attn",  # joint [text, image] attention
+            text_first=True,
+        ),
+        ModelAdapter(
+            family="zimage",
+            transformer_class="ZImageTransformer2DModel",
+            pipeline_classes=("ZImagePipeline",),
+            # image tokens refined, text tokens refined, then the joint [image, text] layers
+            stacks=("noise_refiner", "context_refiner", "layers"),
+            cfg_layout="batch",
+            batch_order="cond_first",
+            guidance_offset=1.0,
+            timestep_argument="t",
+            latent_packing=2,
+            task="text-to-image",
+            block_metadata=(("ZImageTransformerBlock", TransformerBlockMetadata(
+                return_hidden_states_index=0, return_encoder_hidden_states_index=None,
+                hidden_states_argument_name="x")),),
+        ),
+        ModelAdapter(
+            family="pixart",
+            transformer_class="PixArtTransformer2DModel",
+            pipeline_classes=("PixArtSigmaPipeline",),
+            stacks=("transformer_blocks",),
+            cfg_layout="batch",
+            task="text-to-image",
+            self_attention="attn1",  # image tokens only; attn2 is cross-attention to the text
+        ),
+        ModelAdapter(
+            family="hunyuanvideo15",
+            transformer_class="HunyuanVideo15Transformer3DModel",
+            pipeline_classes=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
+            stacks=("transformer_blocks",),
+            cfg_layout="separate",  # the guider's "pred_cond" / "pred_uncond" contexts
+            guidance="guider",
+            task="text-to-video",
+            block_metadata=(("HunyuanVideo15TransformerBlock", TransformerBlockMetadata(
+                return_hidden_states_index=0, return_encoder_hidden_states_index=1)),),
+        ),
+        ModelAdapter(
+            family="ltx",
+            transformer_class="LTXVideoTransformer3DModel",
+            pipeline_classes=("LTXPipeline", "LTXImageToVideoPipeline"),
+            stacks=("transformer_blocks",),
+            cfg_layout="batch",  # under cache_context("cond_uncond")
+            task="text-to-video",
+            self_attention="attn1",  # video tokens only; attn2 is cross-attention to the text
+        ),
+        ModelAdapter(
+            family="cogvideox",
+            transformer_class="CogVideoXTransformer3DModel",
+            pipeline_classes=("CogVideoXPipeline",),
+            stacks=("transformer_blocks",),
+            cfg_layout="batch",  # under cache_context("cond_uncond")
+            task="text-to-video",
+            self_attention="attn1",  # joint [text, video] attention
+            text_first=True,
         ),
         ModelAdapter(
             family="sd3",
@@ -159,6 +284,12 @@ def pipeline_tasks(pipe: Any) -> tuple[str, ...]:
         if cls.__name__ in PIPELINE_TASKS:
             return PIPELINE_TASKS[cls.__name__]
     return (adapter_for(pipe).task,)
+
+
+# block classes whose metadata the adapters give (missing from diffusers' registry, or wrong there)
+BLOCK_METADATA: dict[str, TransformerBlockMetadata] = {
+    name: meta for adapter in ADAPTERS.values() for name, meta in adapter.block_metadata
+}
 
 
 def parse_block_name(name: str, sizes: dict[str, int], field: str) -> tuple[str, int]:
@@ -208,11 +339,13 @@ class BlockIO:
     """
 
     def __init__(self, block: torch.nn.Module):
-        try:
-            self.meta: TransformerBlockMetadata = TransformerBlockRegistry.get(type(block))
-        except ValueError as exc:
-            raise UnsupportedModelError(f"block class {type(block).__name__} is not registered with diffusers") from exc
-        self.meta._cls = type(block)
+        meta = BLOCK_METADATA.get(type(block).__name__)
+        if meta is None:
+            try:
+                meta = TransformerBlockRegistry.get(type(block))
+            except ValueError as exc:
+                raise UnsupportedModelError(f"block class {type(block).__name__} is not registered with diffusers") from exc
+        self.meta: TransformerBlockMetadata = meta
         params = list(inspect.signature(type(block).forward).parameters)[1:]
         self._index = {name: i for i, name in enumerate(params)}
         self.has_encoder_stream = self.meta.return_encoder_hidden_states_index is not None
@@ -258,10 +391,15 @@ class BlockIO:
 def unwrap_denoiser_output(output: Any) -> tuple[torch.Tensor, Any]:
     """(sample tensor, function rebuilding the transformer's return structure around a tensor).
 
-    Transformers return a tensor, a tuple `(sample, ...)` (`return_dict=False`, what pipelines use) or an output
-    dataclass with `.sample`; methods that replace a denoiser output keep the structure the pipeline expects."""
+    Transformers return a tensor, a tuple `(sample, ...)` (`return_dict=False`, what pipelines use), an output
+    dataclass with `.sample`, or (Z-Image) a list of per-item samples in that tuple, stacked here into one batch;
+    methods that replace a denoiser output keep the structure the pipeline expects."""
     if isinstance(output, torch.Tensor):
         return output, lambda t: t
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], (list, tuple)):
+        items = output[0]  # per-item samples of one shape (one resolution per call)
+        rest = output[1:]
+        return torch.stack(list(items)), lambda t: (list(t.unbind(0)), *rest)
     if isinstance(output, tuple):
         return output[0], lambda t: (t, *output[1:])
     return output.sample, lambda t: type(output)(sample=t)

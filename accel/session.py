@@ -186,14 +186,15 @@ class _StepTrackerHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         session = self.session
         outer = self.pipeline_context._context
+        timestep = session.adapter.timestep_of(module, args, kwargs)
         if session.report is None:  # the transformer called outside a pipeline call
             session.begin_call(None)
-        elif not session.in_pipeline_call and session.tracker.restarts(outer, kwargs.get("timestep")):
+        elif not session.in_pipeline_call and session.tracker.restarts(outer, timestep):
             session.end_call()  # another denoising loop (e.g. a second pipeline sharing this transformer): fresh state
             session.begin_call(None)
         if not session.started:
             session.start()
-        ctx = session.tracker.advance(outer, kwargs.get("timestep"), self.name)
+        ctx = session.tracker.advance(outer, timestep, self.name)
         report = session.report
         report.transformer_calls += 1
         report.steps = max(report.steps, ctx.step_index + 1)
@@ -253,16 +254,33 @@ class StepTracker:
                            guidance=guidance, transformer=transformer)
 
     def _branch(self, outer: CacheContext | None) -> tuple[str, str]:
+        """(branch name, guidance role): the role is "cond", "uncond", "batch" (both halves in one call) or
+        "extra" (another guidance pass)."""
+        batched = self.session.adapter.cfg_layout == "batch"
         if outer is not None:  # the pipeline names its calls
-            return outer.name, outer.name if outer.name in ("cond", "uncond") else "extra"
-        if self.session.adapter.cfg_layout == "batch":
+            role = _CONTEXT_ROLES.get(outer.name, "extra")
+            if role == "batch" and not self._cfg_active():
+                role = "cond"  # "cond_uncond" without guidance: the conditional half alone
+            return outer.name, role
+        if batched:
             if self.order == 0:
-                cfg = getattr(self.session.pipe, "do_classifier_free_guidance", False)
-                return ("batch", "batch") if cfg else ("cond", "cond")
+                return ("batch", "batch") if self._cfg_active() else ("cond", "cond")
         elif self.order < 2:  # separate calls, cond first (FLUX's true CFG)
             return ("cond", "cond") if self.order == 0 else ("uncond", "uncond")
-        first_extra = 1 if self.session.adapter.cfg_layout == "batch" else 2
+        first_extra = 1 if batched else 2
         return f"extra{self.order - first_extra + 1}", "extra"
+
+    def _cfg_active(self) -> bool:
+        session = self.session
+        pipe = session.pipe
+        if hasattr(type(pipe), "do_classifier_free_guidance"):
+            return bool(pipe.do_classifier_free_guidance)
+        return session.adapter.cfg_scale(pipe, session.call_kwargs, 1000.0) is not None
+
+
+# the cache-context names diffusers pipelines give their transformer calls -> the call's guidance role
+_CONTEXT_ROLES = {"cond": "cond", "uncond": "uncond", "pred_cond": "cond", "pred_uncond": "uncond",
+                  "cond_uncond": "batch"}
 
 
 def _timestep_value(timestep: Any) -> float | None:

@@ -34,6 +34,7 @@ import torch
 from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import Field, field_validator, model_validator
 
+from accel.adapters import ADAPTERS
 from accel.attention import search
 from accel.attention.routing import AttentionRoutingHook
 from accel.base import Counters, Method, MethodConfig, MethodHandle
@@ -283,5 +284,5 @@ def apply_sparse_attention(session: AccelSession, config: SparseAttentionConfig)
 SPARSE_ATTENTION = Method(
     "sparse_attention", SparseAttentionConfig, apply_sparse_attention,
     "AdaSpa: block-sparse attention with per-head pattern search reused across steps (arXiv 2502.21079)",
-    families=("flux", "wan"),
+    families=tuple(adapter.family for adapter in ADAPTERS.values() if adapter.self_attention is not None),
 )

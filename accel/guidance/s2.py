@@ -167,28 +167,35 @@ class S2CallHook:
         session = self.session
         lam = session.adapter.cfg_scale(session.pipe, session.call_kwargs, ctx.timestep)
         sample, wrap = unwrap_denoiser_output(output)
-        half = sample.shape[0] // 2 if ctx.guidance == "batch" else 0
-        cond = sample[half:].float()
+        batch = sample.shape[0]
+        first, count = 0, batch  # the conditional rows: all of them, or one half of a batched-CFG call
+        if ctx.guidance == "batch":
+            count = batch // 2
+            first = 0 if session.adapter.batch_order == "cond_first" else count
+        whole = count == batch
+        cond = sample[first:first + count].float()
         eligible = {stack: self.eligible[stack] for stack in session.stacks_of[ctx.transformer]}
         total = torch.zeros_like(cond)
         for p in range(self.config.passes):
             # each item's own mask, from its own seed: an item's output does not depend on the rest of its batch
             groups: dict[str, tuple[dict[str, list[int]], list[int]]] = {}
-            for item, seed in enumerate(session.item_seeds(cond.shape[0])):
+            for item, seed in enumerate(session.item_seeds(count)):
                 mask = draw_mask(eligible, session.stack_sizes, self.config.drop_ratio, seed, ctx.step_index, p)
                 groups.setdefault(repr(sorted(mask.items())), (mask, []))[1].append(item)
             for mask, items in groups.values():
-                rows = None if len(items) == cond.shape[0] and not half else [half + i for i in items]
-                predicted = self._run_masked(self._subnet_call(call, sample.shape[0], rows), mask, ctx)
+                rows = None if len(items) == count and whole else [first + i for i in items]
+                predicted = self._run_masked(self._subnet_call(call, batch, rows), mask, ctx)
                 if predicted.shape[0] != len(items):  # fell back to running the whole batch
-                    predicted = predicted[[half + i for i in items]]
+                    predicted = predicted[[first + i for i in items]]
                 total[items] += predicted.float()
         d_hat = total / self.config.passes
         weight = self.config.omega / lam if lam else self.config.omega  # no combine (or a zero scale): plain ω
         corrected = cond - weight * (d_hat - cond)  # in float32, whatever the model's dtype
         self.counters.active_steps += 1
-        if half:
-            corrected = torch.cat([sample[:half].float(), corrected], dim=0)
+        if not whole:
+            full = sample.float().clone()
+            full[first:first + count] = corrected
+            corrected = full
         return wrap(corrected.to(sample.dtype))
 
     def _subnet_call(self, call, batch: int, rows: list[int] | None):
@@ -203,6 +210,8 @@ class S2CallHook:
         def cut(value):
             if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
                 return value[index]
+            if isinstance(value, list) and len(value) == batch:  # per-item lists (Z-Image's inputs, Qwen's shapes)
+                return [value[i] for i in rows]
             return value
 
         args = tuple(cut(a) for a in call.args)
