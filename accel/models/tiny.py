@@ -41,7 +41,17 @@ from accel.models.components import (
     t5_tokenizer,
 )
 
-__all__ = ["build_bench_flux", "build_tiny_flux", "build_tiny_flux_kontext", "build_tiny_sd3", "build_tiny_wan"]
+__all__ = [
+    "build_bench_flux",
+    "build_tiny_flux",
+    "build_tiny_flux_kontext",
+    "build_tiny_sd3",
+    "build_tiny_wan",
+    "wan_scheduler",
+    "wan_text_encoder",
+    "wan_transformer",
+    "wan_vae",
+]
 
 
 def _flux_pipeline(
@@ -85,16 +95,20 @@ def build_bench_flux(seed: int = 0) -> FluxPipeline:
     return _flux_pipeline(seed, heads=6, head_dim=64, dual=4, single=8, axes_dims_rope=(8, 28, 28))
 
 
-def build_tiny_wan(seed: int = 0) -> WanPipeline:
-    """Wan 2.1 text-to-video: 2 blocks, 2 heads of 16, UMT5 text encoder, causal 3D VAE (8x spatial, 4x temporal).
+WAN_TEXT_DIM = 32  # the tiny UMT5 encoder's width, hence the Wan transformers' text_dim
 
-    The scheduler is the one the released Wan 2.1 checkpoints ship (UniPC with flow sigmas, flow_shift 3.0);
-    WanPipeline runs CFG as separate "cond" and "uncond" transformer passes when guidance_scale > 1.
-    """
+
+def wan_text_encoder(seed: int) -> dict:
+    """Wan's text components: the in-memory T5 tokenizer and a 2-layer UMT5 encoder; keyword arguments for Wan's
+    pipelines (`tokenizer`, `text_encoder`)."""
     tokenizer = t5_tokenizer()
-    text_dim = 32
-    text_encoder = t5_encoder(seed, "text_encoder", tokenizer, text_dim, model_class=UMT5EncoderModel)
-    vae = seeded_module(
+    text_encoder = t5_encoder(seed, "text_encoder", tokenizer, WAN_TEXT_DIM, model_class=UMT5EncoderModel)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder}
+
+
+def wan_vae(seed: int) -> AutoencoderKLWan:
+    """Wan 2.1's causal 3D VAE shape (also Wan 2.2 A14B's): 16 latent channels, 8x spatial, 4x temporal."""
+    return seeded_module(
         seed,
         "vae",
         lambda: AutoencoderKLWan(
@@ -105,16 +119,23 @@ def build_tiny_wan(seed: int = 0) -> WanPipeline:
             temperal_downsample=[False, True, True],
         ),
     )
-    transformer = seeded_module(
+
+
+def wan_transformer(
+    seed: int, component: str = "transformer", in_channels: int = LATENT_CHANNELS
+) -> WanTransformer3DModel:
+    """A `WanTransformer3DModel` of 2 blocks, 2 heads of 16, patch (1, 2, 2), 16 output channels; `in_channels` is
+    more than the latent width for image-to-video (latents + mask + condition latents)."""
+    return seeded_module(
         seed,
-        "transformer",
+        component,
         lambda: WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=2,
             attention_head_dim=16,
-            in_channels=LATENT_CHANNELS,
+            in_channels=in_channels,
             out_channels=LATENT_CHANNELS,
-            text_dim=text_dim,
+            text_dim=WAN_TEXT_DIM,
             freq_dim=64,
             ffn_dim=64,
             num_layers=2,
@@ -123,16 +144,28 @@ def build_tiny_wan(seed: int = 0) -> WanPipeline:
             rope_max_seq_len=1024,
         ),
     )
-    scheduler = UniPCMultistepScheduler(
+
+
+def wan_scheduler(flow_shift: float) -> UniPCMultistepScheduler:
+    """The scheduler Wan's checkpoints ship: UniPC with flow sigmas, order 2; only `flow_shift` differs."""
+    return UniPCMultistepScheduler(
         num_train_timesteps=1000,
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
-        flow_shift=3.0,
+        flow_shift=flow_shift,
         solver_order=2,
         lower_order_final=True,
     )
+
+
+def build_tiny_wan(seed: int = 0) -> WanPipeline:
+    """Wan 2.1 text-to-video: 2 blocks, 2 heads of 16, UMT5 text encoder, causal 3D VAE (8x spatial, 4x temporal).
+
+    The scheduler is the one the released Wan 2.1 checkpoints ship (UniPC with flow sigmas, flow_shift 3.0);
+    WanPipeline runs CFG as separate "cond" and "uncond" transformer passes when guidance_scale > 1.
+    """
     return WanPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+        **wan_text_encoder(seed), vae=wan_vae(seed), scheduler=wan_scheduler(3.0), transformer=wan_transformer(seed)
     )
 
 
