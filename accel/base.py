@@ -9,9 +9,9 @@ which they are applied; `accel/session.py` runs them for one pipeline call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class MethodConfig(BaseModel):
@@ -19,6 +19,9 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     method: str
+    expert: Literal["both", "high", "low"] = Field(
+        "both", description="on two-expert pipelines (Wan 2.2): the transformer the method applies to: \"high\" "
+                            "(`transformer`, high noise), \"low\" (`transformer_2`, low noise) or both")
 
     def shorthand(self) -> str:
         """`method:key=value,...` with the knobs that differ from the defaults."""

@@ -357,10 +357,13 @@ class AccelSession:
         # and the order of their children: cache-dit re-inserts the block lists, which moves them to the end, and
         # diffusers' caches take the "first block" in that order
         self._children = {t: list(t._modules.items()) for t in self.transformers.values()}
-        for method, _ in methods:
+        for method, config in methods:
             if method.families is not None and self.adapter.family not in method.families:
                 raise SpecError(f"{method.name}: not available for the {self.adapter.family} family; supported: "
                                 f"{', '.join(method.families)}", field=method.name)
+            if config.expert != "both" and "transformer_2" not in self.transformers:
+                raise SpecError(f"{method.name}.expert: {config.expert!r} needs a pipeline with two experts "
+                                "(transformer_2, e.g. Wan 2.2); this one has one transformer", field=f"{method.name}.expert")
 
     # -- what methods use --------------------------------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
@@ -428,6 +431,12 @@ class AccelSession:
                 pass_counters.blocks_computed += count - counted[stack]
                 self.report.blocks_computed[stack] = counted[stack]
 
+    def scoped(self, config: MethodConfig) -> "AccelSession":
+        """The session as the method `config` sees it: itself, or restricted to one expert (`config.expert`)."""
+        if config.expert == "both":
+            return self
+        return ExpertView(self, "transformer" if config.expert == "high" else "transformer_2")  # type: ignore[return-value]
+
     # -- life cycle --------------------------------------------------------------------------------------------
     def attach(self) -> None:
         self.pipe.__class__ = _recording_class(self._pipe_class)
@@ -435,7 +444,7 @@ class AccelSession:
         self._undo.append(self._restore_pipe_class)
         for method, config in self.methods:  # methods that wrap the pipeline call itself go on before it starts
             if method.at_attach:
-                handle = method.apply(self, config)
+                handle = method.apply(self.scoped(config), config)
                 self._undo.append(handle.remove)
                 self._block_details[method.name] = handle.counters
         for name, transformer in self.transformers.items():
@@ -463,7 +472,7 @@ class AccelSession:
             self.add_hook(block, _BlockCounterHook(self, stack), COUNTER_HOOK)
         for method, config in self.methods:
             if not method.at_attach:
-                handle = method.apply(self, config)
+                handle = method.apply(self.scoped(config), config)
                 self._call_undo.append(handle.remove)
                 self.report.details[method.name] = handle.counters
         for transformer in self.transformers.values():
@@ -535,3 +544,30 @@ def restore_forwards(saved: dict[torch.nn.Module, Any]) -> None:
             module.__dict__.pop("forward", None)
         else:
             module.forward = forward
+
+
+class ExpertView:
+    """A session restricted to one transformer of a two-expert pipeline (a method's `expert` knob): its
+    transformers, stacks and blocks are that expert's, and its call hooks run on that expert's calls only (the
+    other expert's calls pass straight through). Everything else is the session's."""
+
+    def __init__(self, session: AccelSession, transformer: str):
+        self._session, self._name = session, transformer
+        self.transformers = {transformer: session.transformers[transformer]}
+        self.transformer = session.transformers[transformer]
+        self.stacks_of = {transformer: session.stacks_of[transformer]}
+        self.stacks = {stack: session.stacks[stack] for stack in session.stacks_of[transformer]}
+        self.stack_sizes = {stack: session.stack_sizes[stack] for stack in self.stacks}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    blocks = AccelSession.blocks  # over the view's own stacks
+
+    def add_call_hook(self, around: Callable[[StepContext, Callable[[], Any]], Any]) -> None:
+        name = self._name
+
+        def on_expert(ctx: StepContext, call: Callable[[], Any]) -> Any:
+            return around(ctx, call) if ctx.transformer == name else call()
+
+        self._session.add_call_hook(on_expert)
