@@ -44,11 +44,15 @@ def realign(pipe):
 
 
 def test_registry_records():
-    assert set(BUILTIN_MODELS) == {"tiny-flux", "tiny-wan", "tiny-sd3", "bench-flux"}
+    assert {"tiny-flux", "tiny-wan", "tiny-sd3", "bench-flux"} <= set(BUILTIN_MODELS)
+    from accel.adapters import ADAPTERS
+
     for name, model in BUILTIN_MODELS.items():
         assert isinstance(model, BuiltinModel) and model.name == name and callable(model.builder)
-        assert model.task == ("text-to-video" if model.family == "wan" else "text-to-image")
-        assert (model.default_frames is None) == (model.task == "text-to-image")
+        assert model.family in ADAPTERS, f"{name}: family {model.family!r} has no adapter"
+        video = model.task in ("text-to-video", "image-to-video")
+        assert video == (ADAPTERS[model.family].task == "text-to-video")
+        assert (model.default_frames is None) == (not video)
         multiple = 16
         assert model.default_height % multiple == 0 and model.default_width % multiple == 0
         if model.default_frames is not None:

@@ -150,7 +150,10 @@ RANDOM_MODELS = _records(
         name="tiny-flux2",
         task="text-to-image",
         family="flux2",
-        description="random FLUX.2 (TODO)",
+        description=(
+            "random FLUX.2 [klein] (Flux2KleinPipeline: 2 dual + 2 single blocks, 4x16 heads, Qwen3 text encoder "
+            "28 layers deep, 32 wide); FLUX.2 [dev]'s Mistral processor needs torchvision"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
@@ -162,7 +165,10 @@ RANDOM_MODELS = _records(
         name="tiny-qwen-image",
         task="text-to-image",
         family="qwen-image",
-        description="random Qwen-Image (TODO)",
+        description=(
+            "random Qwen-Image (2 dual-stream blocks, 4x16 heads, Qwen2.5-VL text encoder), "
+            "for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
@@ -174,7 +180,10 @@ RANDOM_MODELS = _records(
         name="tiny-qwen-image-edit",
         task="image-edit",
         family="qwen-image",
-        description="random Qwen-Image-Edit-Plus (TODO)",
+        description=(
+            "random Qwen-Image-Edit-Plus (tiny-qwen-image's weights in QwenImageEditPlusPipeline): image editing; "
+            "needs torchvision (Qwen2VLProcessor)"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
@@ -186,7 +195,10 @@ RANDOM_MODELS = _records(
         name="tiny-zimage",
         task="text-to-image",
         family="zimage",
-        description="random Z-Image (TODO)",
+        description=(
+            "random Z-Image (2 single-stream blocks after 2 noise / 2 caption refiner blocks, 4x16 heads, "
+            "Qwen3 text encoder), for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
@@ -198,50 +210,64 @@ RANDOM_MODELS = _records(
         name="tiny-pixart",
         task="text-to-image",
         family="pixart",
-        description="random PixArt-Sigma (TODO)",
+        description=(
+            "random PixArt-Sigma (2 blocks, 2x16 heads, patch 2, learned sigma; T5 text encoder, 4-channel VAE), "
+            "for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
         default_frames=None,
         default_guidance=4.5,
         builder=build_tiny_pixart,
+        # the requested size as is (binning would denoise at the 256-px bin and resize); prompts as given
+        pipeline_kwargs={"use_resolution_binning": False, "clean_caption": False},
     ),
     BuiltinModel(
         name="tiny-wan22",
         task="text-to-video",
         family="wan",
-        description="random Wan 2.2 text-to-video with two experts (TODO)",
+        description=(
+            "random Wan 2.2 T2V A14B layout: two experts (high-noise transformer, low-noise transformer_2, "
+            "boundary 0.875), each 2 blocks, 2x16 heads, for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
-        default_steps=8,
+        default_steps=8,  # 6 high-noise + 2 low-noise steps (flow shift 12)
         default_frames=5,
-        default_guidance=4.0,
+        default_guidance=4.0,  # the release's high-noise scale; guidance_scale_2 (low noise) defaults to it
         builder=build_tiny_wan22,
-        default_fps=8,
+        default_fps=16,
     ),
     BuiltinModel(
         name="tiny-wan22-i2v",
         task="image-to-video",
         family="wan",
-        description="random Wan 2.2 image-to-video with two experts (TODO)",
+        description=(
+            "random Wan 2.2 I2V A14B layout: two experts (boundary 0.9), each 2 blocks, 2x16 heads, "
+            "image as VAE latents (no image encoder), for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
-        default_steps=8,
+        default_steps=8,  # 3 high-noise + 5 low-noise steps (flow shift 5)
         default_frames=5,
-        default_guidance=4.0,
+        default_guidance=3.5,  # the release's, both experts
         builder=build_tiny_wan22_i2v,
-        default_fps=8,
+        default_fps=16,
     ),
     BuiltinModel(
         name="tiny-hunyuanvideo15",
         task="text-to-video",
         family="hunyuanvideo15",
-        description="random HunyuanVideo 1.5 (TODO)",
+        description=(
+            "random HunyuanVideo 1.5 text-to-video (2 dual-stream blocks, 2x16 heads, Qwen2.5-VL + ByT5 encoders, "
+            "16x spatial / 4x temporal VAE), for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
         default_frames=5,
-        default_guidance=6.0,
+        default_guidance=6.0,  # the guider's scale (the pipeline's call has no guidance_scale)
         builder=build_tiny_hunyuanvideo15,
         default_fps=8,
     ),
@@ -249,24 +275,30 @@ RANDOM_MODELS = _records(
         name="tiny-ltx",
         task="text-to-video",
         family="ltx",
-        description="random LTX-Video (TODO)",
+        description=(
+            "random LTX-Video (2 blocks, 2x16 heads, patch 1; T5 text encoder, 32x spatial / 8x temporal VAE), "
+            "for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
         default_frames=9,
         default_guidance=3.0,
         builder=build_tiny_ltx,
-        default_fps=8,
+        default_fps=25,  # the pipeline's frame_rate default, which scales the rotary time positions
     ),
     BuiltinModel(
         name="tiny-cogvideox",
         task="text-to-video",
         family="cogvideox",
-        description="random CogVideoX (TODO)",
+        description=(
+            "random CogVideoX 1.0 (5B layout: 2 expert blocks, 2x16 heads, patch 2, 3D rotary embeddings; "
+            "T5 text encoder), for tests and fidelity checks"
+        ),
         default_height=64,
         default_width=64,
         default_steps=8,
-        default_frames=5,
+        default_frames=9,  # 8k + 1: an odd number of latent frames (5 frames would decode to 8)
         default_guidance=6.0,
         builder=build_tiny_cogvideox,
         default_fps=8,
