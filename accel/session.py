@@ -56,7 +56,7 @@ class CallPlan:
 
     num_steps: int
     timesteps: list[float]  # on the scheduler's own scale (0..1000 for the flow-matching schedulers here)
-    sigmas: list[float] | None  # noise levels; one more than steps when the scheduler keeps the final 0
+    sigmas: list[float] | None  # noise levels in 0..1 (flow-matching time); one more than steps when the final 0 is kept
 
     @classmethod
     def from_scheduler(cls, scheduler: Any) -> "CallPlan":
@@ -68,7 +68,17 @@ class CallPlan:
         steps = [float(t) for t in timesteps[begin:]]
         sigmas = getattr(scheduler, "sigmas", None)
         sigma_list = [float(s) for s in sigmas[begin:]] if sigmas is not None else None
+        if sigma_list is not None and not _flow_sigmas(scheduler):
+            # a VP scheduler's sigma is sqrt((1 - a) / a), up to ~150: its sample divided by sqrt(a) (1 + sigma) is
+            # the flow-matching sample at time sigma / (1 + sigma), which is the 0..1 noise level methods read
+            sigma_list = [s / (1.0 + s) for s in sigma_list]
         return cls(num_steps=len(steps) // order, timesteps=steps, sigmas=sigma_list)
+
+
+def _flow_sigmas(scheduler: Any) -> bool:
+    config = getattr(scheduler, "config", {})
+    return (type(scheduler).__name__.startswith("FlowMatch") or bool(config.get("use_flow_sigmas"))
+            or config.get("prediction_type") == "flow_prediction")
 
 
 @dataclass
@@ -284,7 +294,11 @@ _CONTEXT_ROLES = {"cond": "cond", "uncond": "uncond", "pred_cond": "cond", "pred
 
 
 def _timestep_value(timestep: Any) -> float | None:
-    return float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else timestep
+    """One number per call: the largest entry (LTX's image-to-video gives each token its own timestep, 0 on the
+    conditioning frame's tokens)."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.max()) if timestep.numel() else None
+    return timestep
 
 
 @functools.cache

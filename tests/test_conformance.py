@@ -27,6 +27,8 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipel
 from PIL import Image
 
 from accel import accelerate
+from accel.methods import METHODS as REGISTRY
+from accel.models.pipelines import prepare
 from accel.session import AccelSession
 from helpers import registries_empty
 
@@ -55,32 +57,63 @@ def _wan22(load):
 TRUE_CFG = dict(true_cfg_scale=2.0, negative_prompt="blurry")
 FLUX_SIZE = dict(height=64, width=64)
 WAN_SIZE = dict(height=32, width=32, num_frames=5)
-# name: (builder, call kwargs, the branches the pipeline runs, its denoiser calls per generation of STEPS steps)
+VIDEO_CFG = dict(guidance_scale=3.0, negative_prompt="blurry")
+
+
+def _builder(module, name):
+    def build(load):
+        from importlib import import_module
+
+        return prepare(getattr(import_module(f"accel.models.{module}"), name)())
+
+    return build
+
+
+def _builtin(name):
+    return lambda load: load(name)
+
+
+# name: (family, builder, call kwargs, the branches the pipeline runs, its denoiser calls per generation of STEPS steps)
 VARIANTS = {
-    "flux-t2i": (lambda load: load("tiny-flux"), dict(FLUX_SIZE), {"cond"}, STEPS),
-    "flux-t2i-truecfg": (lambda load: load("tiny-flux"), dict(FLUX_SIZE, **TRUE_CFG), {"cond", "uncond"}, 2 * STEPS),
-    "flux-img2img-truecfg": (_flux_variant(FluxImg2ImgPipeline), dict(FLUX_SIZE, image=IMAGE, strength=1.0, **TRUE_CFG),
-                             {"cond", "uncond"}, 2 * STEPS),
-    "flux-inpaint-truecfg": (_flux_variant(FluxInpaintPipeline),
+    "flux-t2i": ("flux", _builtin("tiny-flux"), dict(FLUX_SIZE), {"cond"}, STEPS),
+    "flux-t2i-truecfg": ("flux", _builtin("tiny-flux"), dict(FLUX_SIZE, **TRUE_CFG), {"cond", "uncond"}, 2 * STEPS),
+    "flux-img2img-truecfg": ("flux", _flux_variant(FluxImg2ImgPipeline),
+                             dict(FLUX_SIZE, image=IMAGE, strength=1.0, **TRUE_CFG), {"cond", "uncond"}, 2 * STEPS),
+    "flux-inpaint-truecfg": ("flux", _flux_variant(FluxInpaintPipeline),
                              dict(FLUX_SIZE, image=IMAGE, mask_image=MASK, strength=1.0, **TRUE_CFG),
                              {"cond", "uncond"}, 2 * STEPS),
-    "flux-kontext-truecfg": (_flux_variant(FluxKontextPipeline), dict(FLUX_SIZE, image=IMAGE, _auto_resize=False, max_area=64 * 64, **TRUE_CFG),
+    "flux-kontext-truecfg": ("flux", _builtin("tiny-flux-kontext"),
+                             dict(FLUX_SIZE, image=IMAGE, _auto_resize=False, max_area=64 * 64, **TRUE_CFG),
                              {"cond", "uncond"}, 2 * STEPS),
-    "sd3": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
-    "sd3-cfg": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+    "sd3": ("sd3", _builtin("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
+    "sd3-cfg": ("sd3", _builtin("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
                 {"batch"}, STEPS),
     # skip-layer guidance runs on steps i with start*N < i < stop*N: steps 1 and 2 of 3
-    "sd3-cfg-slg": (lambda load: load("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, skip_guidance_layers=[1],
-                                                        skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0),
+    "sd3-cfg-slg": ("sd3", _builtin("tiny-sd3"), dict(FLUX_SIZE, guidance_scale=3.0, skip_guidance_layers=[1],
+                                                      skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0),
                     {"batch", "extra1"}, STEPS + 2),
-    "wan": (lambda load: load("tiny-wan"), dict(WAN_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
-    "wan-cfg": (lambda load: load("tiny-wan"), dict(WAN_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
-                {"cond", "uncond"}, 2 * STEPS),
-    "wan22-cfg": (_wan22, dict(WAN_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+    "wan": ("wan", _builtin("tiny-wan"), dict(WAN_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
+    "wan-cfg": ("wan", _builtin("tiny-wan"), dict(WAN_SIZE, **VIDEO_CFG), {"cond", "uncond"}, 2 * STEPS),
+    "wan22-cfg": ("wan", _wan22, dict(WAN_SIZE, **VIDEO_CFG),
                   {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}, 2 * STEPS),
+    # the built-in: 3 steps at t 999, 960 | 857 (the boundary is 875)
+    "wan22-t2v-builtin": ("wan", _builtin("tiny-wan22"), dict(WAN_SIZE, **VIDEO_CFG),
+                          {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}, 2 * STEPS),
+    "wan22-i2v-cfg": ("wan", _builtin("tiny-wan22-i2v"), dict(WAN_SIZE, image=IMAGE, **VIDEO_CFG),
+                      {"cond", "uncond", "cond@transformer_2", "uncond@transformer_2"}, 2 * STEPS),
+    "ltx-cfg": ("ltx", _builtin("tiny-ltx"), dict(height=32, width=32, num_frames=9, **VIDEO_CFG),
+                {"cond_uncond"}, STEPS),
+    "ltx": ("ltx", _builtin("tiny-ltx"), dict(height=32, width=32, num_frames=9, guidance_scale=1.0),
+            {"cond_uncond"}, STEPS),
+    "ltx-i2v-cfg": ("ltx", _builder("ltx", "build_tiny_ltx_i2v"),
+                    dict(image=IMAGE, height=32, width=32, num_frames=9, **VIDEO_CFG), {"cond_uncond"}, STEPS),
+    "cogvideox-cfg": ("cogvideox", _builtin("tiny-cogvideox"), dict(height=32, width=32, num_frames=9, **VIDEO_CFG),
+                      {"cond_uncond"}, STEPS),
+    "pixart-cfg": ("pixart", _builtin("tiny-pixart"), dict(FLUX_SIZE, **VIDEO_CFG), {"batch"}, STEPS),
+    "pixart": ("pixart", _builtin("tiny-pixart"), dict(FLUX_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
 }
 PIPELINE_SKIPS = {"sd3-cfg-slg": 2}  # block forwards the pipeline itself skips per generation (SLG: 1 block x 2 calls)
-FAMILY = {name: name.split("-")[0].replace("wan22", "wan") for name in VARIANTS}
+FAMILY = {name: variant[0] for name, variant in VARIANTS.items()}
 
 # per method: a setting that skips nothing, and one that skips (or adds) work
 METHODS = {
@@ -93,17 +126,32 @@ METHODS = {
     "prune": ("prune:blocks=[]", None),  # the skipping one names a block of the variant's first stack
     "sparse_attention": ("sparse_attention:dense_steps=1000", "sparse_attention:block_size=16,dense_steps=1,sparsity=0.5,backend=reference"),
 }
-UNSUPPORTED = {("fbcache", "sd3")}  # declared in the method's families
-SPARSE_FAMILIES = ("flux", "wan")
+
+
+def supported(method: str, family: str) -> bool:
+    """What the method declares (`Method.families`); the rest must be refused (test_unsupported_is_refused)."""
+    families = REGISTRY[method].families
+    return families is None or family in families
 
 
 def cases():
     for variant in VARIANTS:
         for method in METHODS:
-            family = FAMILY[variant]
-            if (method, family) in UNSUPPORTED or (method == "sparse_attention" and family not in SPARSE_FAMILIES):
-                continue
-            yield pytest.param(variant, method, id=f"{variant}-{method}")
+            if supported(method, FAMILY[variant]):
+                yield pytest.param(variant, method, id=f"{variant}-{method}")
+
+
+@pytest.mark.parametrize("variant,method", [
+    pytest.param(v, m, id=f"{v}-{m}") for v in dict(zip(FAMILY.values(), FAMILY)).values() for m in METHODS
+    if not supported(m, FAMILY[v])])
+def test_unsupported_is_refused(load, variant, method):
+    """A method that does not support a family is refused before any work, naming the families it supports."""
+    from accel.errors import SpecError
+
+    pipe = pipeline(load, variant)
+    with pytest.raises(SpecError, match="supported: " + ", ".join(REGISTRY[method].families)):
+        with accelerate(pipe, skipping_spec(pipe, method)):
+            pass
 
 
 _built: dict[str, object] = {}
@@ -111,12 +159,12 @@ _built: dict[str, object] = {}
 
 def pipeline(load, variant):
     if variant not in _built:
-        _built[variant] = VARIANTS[variant][0](load)
+        _built[variant] = VARIANTS[variant][1](load)
     return _built[variant]
 
 
 def call(pipe, variant, prompt="a red circle on the left", seed=0):
-    kwargs = dict(VARIANTS[variant][1], num_inference_steps=STEPS, output_type="np")
+    kwargs = dict(VARIANTS[variant][2], num_inference_steps=STEPS, output_type="np")
     out = pipe(prompt=prompt, generator=torch.Generator().manual_seed(seed), **kwargs)
     return np.asarray(out.frames if hasattr(out, "frames") else out.images)
 
@@ -164,7 +212,7 @@ def test_conformance(load, monkeypatch, variant, method):
     with accelerate(pipe, skipping_spec(pipe, method), seed=0) as report:
         outs = [call(pipe, variant) for _ in range(2)]
     monkeypatch.undo()
-    _, _, branches, calls = VARIANTS[variant]
+    _, _, _, branches, calls = VARIANTS[variant]
     assert np.array_equal(outs[0], outs[1]), "the second call in the block did not start from fresh state"
     assert len(report.calls) == 2 and [c.transformer_calls for c in report.calls] == [calls, calls]
     assert {branch for _, branch in seen} == branches and len(seen) == 2 * calls
@@ -239,15 +287,15 @@ PAIRS = [("s2:interval=[0,1]", "abcache:warmup=1,interval=2"), ("s2:interval=[0,
 def test_pairs_with_batches(load, variant, pair):
     """Pairs of composable methods on batches (2 prompts x 2 images each): no exception, counts add up, the
     pipeline is left as it was; and the pair's skip-nothing settings are bit-identical to plain on the batch."""
-    if "sparse_attention" in pair[0] and FAMILY[variant] not in SPARSE_FAMILIES:
-        pytest.skip("sparse attention: flux and wan only")
+    if "sparse_attention" in pair[0] and not supported("sparse_attention", FAMILY[variant]):
+        pytest.skip("sparse attention does not support this family")
     pipe = pipeline(load, variant)
     stack = next(iter(AccelSession(pipe, []).stacks))
     spec = [p.replace("BLOCK", f'"{stack}.1"') for p in pair]
     batch = dict(prompt=["a red circle on the left", "a blue square at the top"], num_images_per_prompt=2)
     if variant.startswith("wan"):
         batch = dict(prompt=batch["prompt"], num_videos_per_prompt=2)
-    kwargs = dict(VARIANTS[variant][1], num_inference_steps=STEPS, output_type="np", **batch)
+    kwargs = dict(VARIANTS[variant][2], num_inference_steps=STEPS, output_type="np", **batch)
     if "negative_prompt" in kwargs:
         kwargs["negative_prompt"] = ["blurry", "blurry"]
     before = snapshot(pipe)
@@ -263,7 +311,7 @@ def test_pairs_with_batches(load, variant, pair):
     with accelerate(pipe, spec, seed=list(range(4))) as report:
         out = generate()
     assert out.shape == plain.shape and np.isfinite(out).all()
-    calls = VARIANTS[variant][3]
+    calls = VARIANTS[variant][4]
     assert report.transformer_calls == calls
     assert all(0 <= report.blocks_computed[s] <= t for s, t in report.blocks_total.items())
     assert snapshot(pipe) == before and registries_empty(pipe.transformer)

@@ -2,7 +2,8 @@
 
 The module's processor is replaced by a thin wrapper that runs the *original processor's own `__call__` code*
 (same code object, so QK-norm, RoPE and the text-token concatenation are exactly the model's) with one name rebound
-in a private copy of its globals: `dispatch_attention_fn` -> the router. Nothing global is patched, so other
+in a private copy of its globals: `dispatch_attention_fn` -> the router (or `F`, for processors calling
+`F.scaled_dot_product_attention` themselves). Nothing global is patched, so other
 pipelines in the process are untouched. The router receives `dispatch_attention_fn`'s arguments and finds the
 original function in `router.original` (for the calls it does not handle). The swap is made by a diffusers hook
 on the block (`initialize_hook` / `deinitalize_hook`) registered through the session, so it is undone on exit.
@@ -22,19 +23,52 @@ from accel.errors import UnsupportedModelError
 
 
 def _rebound_call(processor: Any, router: Any):
-    """The processor class's own `__call__` code with `dispatch_attention_fn` resolved to `router`."""
+    """The processor class's own `__call__` code with its attention function resolved to `router`:
+    `dispatch_attention_fn` (layout (B, S, H, D)), or, for processors that call `F.scaled_dot_product_attention`
+    directly (PixArt's and CogVideoX's, layout (B, H, S, D)), `F` replaced by a view of torch.nn.functional whose
+    `scaled_dot_product_attention` transposes to the router's layout and back."""
     function = type(processor).__call__
     code = function.__code__
-    if "dispatch_attention_fn" not in code.co_names:
-        raise UnsupportedModelError(
-            f"{type(processor).__name__} does not call dispatch_attention_fn; cannot route its attention"
-        )
     namespace = dict(function.__globals__)
-    router.original = namespace["dispatch_attention_fn"]
-    namespace["dispatch_attention_fn"] = router
+    if "dispatch_attention_fn" in code.co_names:
+        router.original = namespace["dispatch_attention_fn"]
+        namespace["dispatch_attention_fn"] = router
+    elif "scaled_dot_product_attention" in code.co_names and namespace.get("F") is torch.nn.functional:
+        router.original = _heads_second(torch.nn.functional.scaled_dot_product_attention)
+        namespace["F"] = _FunctionalWithRouter(router)
+    else:
+        raise UnsupportedModelError(
+            f"{type(processor).__name__} calls neither dispatch_attention_fn nor F.scaled_dot_product_attention; "
+            "cannot route its attention"
+        )
     rebound = types.FunctionType(code, namespace, function.__name__, function.__defaults__, function.__closure__)
     rebound.__kwdefaults__ = function.__kwdefaults__
     return functools.partial(rebound, processor)
+
+
+def _heads_second(sdpa):
+    """`sdpa` (heads second) called with dispatch_attention_fn's layout, heads third, and returning it."""
+
+    def call(query, key, value, attn_mask=None, *args, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        return sdpa(q, k, v, attn_mask, *args, **kwargs).transpose(1, 2)
+
+    return call
+
+
+class _FunctionalWithRouter(types.ModuleType):
+    """torch.nn.functional, except `scaled_dot_product_attention`, which goes through the router."""
+
+    def __init__(self, router: Any):
+        super().__init__("torch.nn.functional")
+        self._router = router
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.nn.functional, name)
+
+    def scaled_dot_product_attention(self, query, key, value, attn_mask=None, *args, **kwargs):
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        return self._router(q, k, v, attn_mask, *args, **kwargs).transpose(1, 2)
 
 
 class RoutedProcessor:
