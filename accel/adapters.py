@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -64,7 +64,8 @@ class ModelAdapter:
     batch_order: Literal["uncond_first", "cond_first"] = "uncond_first"
     timestep_argument: str = "timestep"
     latent_packing: int | None = None
-    block_metadata: tuple[tuple[str, TransformerBlockMetadata], ...] = ()  # (block class name, metadata)
+    # (block class name, metadata); not part of the adapter's hash (diffusers' metadata objects are unhashable)
+    block_metadata: tuple[tuple[str, TransformerBlockMetadata], ...] = field(default=(), hash=False, compare=False)
     self_attention: str | None = None
     text_first: bool = False
     mag_ratios: tuple[float, ...] | None = None
