@@ -6,6 +6,11 @@ filled in; knobs a model does not take, sizes that are not a multiple of the mod
 cannot encode are errors naming the field); the server does that at admission, and `generate_batch` then only
 assembles the call. `model_info` and `frames_for_duration` answer what callers need to know about a model, so they
 never reach into `accel.adapters`.
+
+Input images (`GenerationParams.images`, PIL) make a request an edit (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with
+reference images) or an image-to-video request (Wan I2V, HunyuanVideo 1.5 I2V): the model's tasks say which it
+takes and how many (`ModelInfo.tasks`, `ModelInfo.max_images`). A request with input images runs alone in its
+pipeline call (`runs_alone`): one prompt, its outputs as `num_images_per_prompt`, so inputs are never mixed.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accel import accelerate
-from accel.adapters import adapter_for
+from accel.adapters import PIPELINE_MAX_IMAGES, adapter_for, pipeline_tasks
 from accel.errors import GenerationParamsError, validation_errors
 from accel.loading import ModelDefaults
 from accel.spec import AccelSpec, parse_spec
@@ -30,6 +36,9 @@ from accel.spec import AccelSpec, parse_spec
 # the knobs of a pipeline call a request sets (the rest: prompts, outputs per prompt, seeds)
 CALL_KNOBS = ("num_inference_steps", "guidance_scale", "true_cfg_scale", "height", "width", "num_frames")
 _DEFAULTED = ("height", "width", "num_inference_steps", "guidance_scale", "num_frames")
+TEXT_TASKS = frozenset({"text-to-image", "text-to-video"})  # tasks that need no input image
+IMAGE_TASKS = frozenset({"image-edit", "image-to-video"})  # tasks that take input images (`image=`)
+MAX_INPUT_IMAGES = 16  # what GenerationParams accepts at all; each model takes fewer (`ModelInfo.max_images`)
 
 
 class GenerationParams(BaseModel):
@@ -47,6 +56,21 @@ class GenerationParams(BaseModel):
     num_frames: int | None = Field(None, ge=1, le=1025, description="Video models only.")
     num_outputs: int = Field(1, ge=1, le=16, description="Images (or videos) per prompt.")
     seed: int = Field(0, ge=0, le=2**63 - 1)
+    images: list[Any] = Field(default_factory=list, max_length=MAX_INPUT_IMAGES, description=(
+        "Input images (PIL, converted to RGB): the image to edit and any reference images, or the first frame of "
+        "an image-to-video model."))
+    mask: Any = Field(None, description="PIL mask (converted to L): where the image may change (pipelines that "
+                      "take `mask_image` only).")
+
+    @field_validator("images")
+    @classmethod
+    def _rgb_images(cls, images: list[Any]) -> list[Image.Image]:
+        return [_pil(image, "RGB", f"image[{i}]") for i, image in enumerate(images)]
+
+    @field_validator("mask")
+    @classmethod
+    def _grey_mask(cls, mask: Any) -> Image.Image | None:
+        return None if mask is None else _pil(mask, "L", "mask")
 
     @classmethod
     def parse(cls, **values: Any) -> "GenerationParams":
@@ -58,31 +82,61 @@ class GenerationParams(BaseModel):
             raise GenerationParamsError(message, field=first) from None
 
 
+def _pil(image: Any, mode: str, name: str) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name} must be a PIL image, not {type(image).__name__}")
+    if not image.width or not image.height:
+        raise ValueError(f"{name} has no pixels")
+    return image if image.mode == mode else image.convert(mode)
+
+
 class ResolvedParams(GenerationParams):
     """A request checked against one model, its defaults filled in (made by `resolve_params` only)."""
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a caller needs to know about a loaded model: its task, family, generation defaults, the size and
-    frame-count rules of its VAE and transformer, and the prune plans a spec may name (`parse_spec(plans=...)`)."""
+    """What a caller needs to know about a loaded model: its tasks (the first is its main one), family, generation
+    defaults, the size and frame-count rules of its VAE and transformer, how many input images it takes, and the
+    prune plans a spec may name (`parse_spec(plans=...)`)."""
 
-    task: str
+    task: str  # tasks[0]
     family: str
     defaults: ModelDefaults
     size_multiple: int  # height and width are multiples of this
     temporal_factor: int  # video frames are temporal_factor * k + 1 (1: any count)
     prune_plans: tuple[str, ...] = ()  # names loaded with `load_pipeline(prune_plans=...)`
+    tasks: tuple[str, ...] = ()  # text-to-image, text-to-video, image-edit, image-to-video
+    max_images: int = 0  # input images one call takes (0: none)
 
     @property
     def fps(self) -> int:
         return self.defaults.fps or 8
 
+    @property
+    def is_video(self) -> bool:
+        return any(task.endswith("-video") for task in self.tasks)
+
+    @property
+    def needs_image(self) -> bool:
+        """Every task of the model starts from an input image (an edit or image-to-video model)."""
+        return not TEXT_TASKS & set(self.tasks)
+
+
+def _max_images(pipe: Any) -> int:
+    for cls in type(pipe).__mro__:  # loaded pipelines are subclasses of the diffusers class
+        if cls.__name__ in PIPELINE_MAX_IMAGES:
+            return PIPELINE_MAX_IMAGES[cls.__name__]
+    return 1
+
 
 def model_info(pipe: Any) -> ModelInfo:
     adapter = adapter_for(pipe)
+    tasks = tuple(pipeline_tasks(pipe))
     return ModelInfo(
-        task=adapter.task,
+        task=tasks[0],
+        tasks=tasks,
+        max_images=_max_images(pipe) if IMAGE_TASKS & set(tasks) else 0,
         family=adapter.family,
         defaults=getattr(pipe, "accel_defaults", None) or ModelDefaults(),
         size_multiple=adapter.size_multiple(pipe),
@@ -119,6 +173,7 @@ def resolve_params(pipe: Any, params: GenerationParams) -> ResolvedParams:
     for name in values:
         if name not in accepted:
             raise GenerationParamsError(f"{name}: not supported by {name_of} ({info.family} family)", field=name)
+    _check_inputs(pipe, params, info, accepted)
     for name in ("height", "width"):
         if name in values and values[name] % info.size_multiple:
             raise GenerationParamsError(
@@ -131,6 +186,35 @@ def resolve_params(pipe: Any, params: GenerationParams) -> ResolvedParams:
             field="num_frames",
         )
     return ResolvedParams.model_construct(**{**params.model_dump(), **values})
+
+
+def _check_inputs(pipe: Any, params: GenerationParams, info: ModelInfo, accepted: frozenset[str]) -> None:
+    """The input images and mask against what the model takes (errors name `image` or `mask`): how many, each side
+    at least the model's size multiple, and the pipeline's own image checks where it has them (FLUX.2's
+    `image_processor.check_image_input`: minimum side, aspect ratio)."""
+    name_of, count, tasks = type(pipe).__name__, len(params.images), ", ".join(info.tasks)
+    if count and not info.max_images:
+        raise GenerationParamsError(f"image: {name_of} takes no input image ({tasks})", field="image")
+    if not count and info.needs_image:
+        raise GenerationParamsError(f"image: {name_of} ({tasks}) needs an input image", field="image")
+    if count > info.max_images:
+        raise GenerationParamsError(f"image: {name_of} takes at most {info.max_images} input image"
+                                    f"{'s' if info.max_images > 1 else ''}, got {count}", field="image")
+    check = getattr(getattr(pipe, "image_processor", None), "check_image_input", None)
+    for image in params.images:
+        if min(image.size) < info.size_multiple:
+            raise GenerationParamsError(f"image: {image.width}x{image.height} is too small for this model (each "
+                                        f"side at least {info.size_multiple} pixels)", field="image")
+        try:
+            if check is not None:
+                check(image)
+        except ValueError as exc:
+            raise GenerationParamsError(f"image: {exc}", field="image") from None
+    if params.mask is not None:
+        if "mask_image" not in accepted:
+            raise GenerationParamsError(f"mask: not supported by {name_of}", field="mask")
+        if not count:
+            raise GenerationParamsError("mask: a mask needs an input image", field="mask")
 
 
 @dataclass
@@ -157,8 +241,15 @@ class GenerationResult:
 
 def batch_key(params: GenerationParams) -> tuple:
     """Requests with equal keys can run in one pipeline call: all knobs shared by a call except prompts and seeds.
-    Compare resolved requests (`resolve_params`), so a knob left to the model's default equals the default given."""
-    return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None)
+    Compare resolved requests (`resolve_params`), so a knob left to the model's default equals the default given.
+    Requests with input images also differ from those without; they run alone all the same (`runs_alone`)."""
+    return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None, runs_alone(params))
+
+
+def runs_alone(params: GenerationParams) -> bool:
+    """Whether the request needs a pipeline call of its own: one with input images does (a call conditions every
+    output on the same images, and multi-image pipelines such as Qwen-Image-Edit-Plus take one prompt per call)."""
+    return bool(params.images) or params.mask is not None
 
 
 def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
@@ -169,8 +260,15 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
     if len({batch_key(p) for p in batch}) != 1:
         raise GenerationParamsError("requests in one batch must share size, steps, guidance and frames")
     params = batch[0]
-    kwargs: dict[str, Any] = dict(model_info(pipe).defaults.extra)
+    info = model_info(pipe)
+    kwargs: dict[str, Any] = dict(info.defaults.extra)
     kwargs.update(params.model_dump(exclude_none=True, include=set(CALL_KNOBS)))
+    accepted = _call_parameters(type(pipe))
+    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
+    if runs_alone(params):
+        if len(batch) > 1:
+            raise GenerationParamsError("a request with input images runs alone in its pipeline call")
+        return _image_call_kwargs(kwargs, params, info, per_prompt, accepted)
     prompts, negatives, generators = [], [], []
     for request in batch:
         for i in range(request.num_outputs):
@@ -180,10 +278,28 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
     kwargs["prompt"] = prompts
     if params.negative_prompt is not None:
         kwargs["negative_prompt"] = negatives
-    accepted = _call_parameters(type(pipe))
-    per_prompt = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
     kwargs[per_prompt] = 1
     kwargs["generator"] = generators
+    return kwargs
+
+
+def _image_call_kwargs(kwargs: dict[str, Any], params: ResolvedParams, info: ModelInfo, per_prompt: str,
+                       accepted: frozenset[str]) -> dict[str, Any]:
+    """One request with input images: one prompt, its outputs per prompt (each with its generator, seeded
+    `seed + i`), `image=` as the pipeline takes it (a list where it takes several, else the one image) and
+    `mask_image=`. A pipeline that sizes its output by area (FLUX.1 Kontext's `max_area`, taking only the aspect
+    ratio from height and width) gets the requested size's area, so the output has the requested size."""
+    kwargs["prompt"] = params.prompt
+    if params.negative_prompt is not None:
+        kwargs["negative_prompt"] = params.negative_prompt
+    kwargs[per_prompt] = params.num_outputs
+    kwargs["generator"] = [torch.Generator(device="cpu").manual_seed(params.seed + i)
+                           for i in range(params.num_outputs)]
+    kwargs["image"] = list(params.images) if info.max_images > 1 else params.images[0]
+    if params.mask is not None:
+        kwargs["mask_image"] = params.mask
+    if "max_area" in accepted and params.height and params.width:
+        kwargs["max_area"] = params.height * params.width
     return kwargs
 
 
@@ -270,7 +386,7 @@ def generate_batch(
     if output is None:
         return [GenerationResult(None, None, captured.get("latents"), seconds, report.as_dict(), interrupted=True)
                 for _ in batch]
-    video = model_info(pipe).task == "text-to-video"
+    video = model_info(pipe).is_video
     frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
     latents = captured.get("latents")
     results, offset = [], 0
