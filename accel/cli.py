@@ -11,6 +11,7 @@ EXAMPLES = """examples:
   accel generate --prompt "a red circle on the left" --out red.png          # shapes-flux, the default model
   accel generate --prompt "a blue square at the top" --accel fast --out fast.png
   accel generate --model tiny-wan --prompt "a ball" --frames 5 --out ball.mp4
+  accel generate --model tiny-flux-kontext --image in.png --prompt "make it blue" --out edited.png
   accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
   accel make-model tiny-flux ./tiny-flux-dir      # a standard diffusers directory
   accel methods                                   # accelerators, their knobs and presets
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same output)")
     gen.add_argument("--accel", default=None,
                      help="accelerator spec: preset (off|quality|balanced|fast), method:key=value,..., JSON; join with ';'")
+    gen.add_argument("--image", action="append", default=[], metavar="FILE",
+                     help="input image (edit and image-to-video models); repeat for reference images")
+    gen.add_argument("--mask", default=None, metavar="FILE", help="mask image (models that take a mask)")
     gen.add_argument("--out", required=True, help="output file: .png/.jpg/.webp for images, .mp4 for videos")
     gen.add_argument("--report", action="store_true", help="print what the accelerators did, as JSON")
 
@@ -122,13 +126,26 @@ def _params(args, **extra) -> dict:
     }
 
 
+def _read_image(path: str, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, UnidentifiedImageError) as exc:
+        raise SystemExit(f"error: {option} {path}: {exc}") from None
+
+
 def cmd_generate(args) -> int:
     from accel.generate import GenerationParams, generate, model_info
     from accel.io import save_output
     from accel.spec import parse_spec
 
     spec = parse_spec(args.accel)  # fail on a bad spec before loading the model
-    params = GenerationParams.parse(prompt=args.prompt, seed=args.seed, **_params(args))
+    inputs = {"images": [_read_image(path, "--image") for path in args.image],
+              "mask": _read_image(args.mask, "--mask") if args.mask else None}
+    params = GenerationParams.parse(prompt=args.prompt, seed=args.seed, **_params(args), **inputs)
     pipe = _load(args)
     result = generate(pipe, params, spec)
     fps = model_info(pipe).fps
