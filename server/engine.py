@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 
 from accel.errors import AccelError
+from PIL import Image
+
 from accel.generate import GenerationParams, GenerationResult, ModelInfo, batch_key, generate_batch, model_info
 from accel.loading import load_pipeline
 from accel.spec import AccelSpec
@@ -67,7 +69,7 @@ class Engine:
                 raise AccelError(f"model {model.id}: {exc}", field=exc.field) from None
             info = model_info(pipe)
             if self.settings.warmup:
-                generate_batch(pipe, [GenerationParams.parse(prompt="warm-up", num_inference_steps=1)])
+                generate_batch(pipe, [_warmup_params(info)])
             seconds = time.perf_counter() - start
             self.models[model.id] = LoadedModel(model, pipe, info, seconds)
             log.info('{"event": "model_loaded", "model": "%s", "seconds": %.2f}', model.id, seconds)
@@ -95,6 +97,15 @@ class Engine:
     def free_device_memory() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _warmup_params(info: ModelInfo) -> GenerationParams:
+    """One step at the model's defaults; a grey input image for a model that needs one."""
+    images = []
+    if info.needs_image:
+        side = info.size_multiple * 4
+        images = [Image.new("RGB", (info.defaults.width or side, info.defaults.height or side), "grey")]
+    return GenerationParams.parse(prompt="warm-up", num_inference_steps=1, images=images)
 
 
 def _prune_kwargs(model: ModelSettings) -> dict:

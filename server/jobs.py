@@ -11,6 +11,8 @@ Every state change of a job goes through the store (no job object is mutated in 
 - `delete(job_id)` removes the job and its content and raises its cancel flag (kept for `ttl`);
   `cancelled(ids)` answers which of the given jobs were cancelled (polled for jobs still queued).
 - `put_content` / `get_content`: the MP4 bytes, with the same time to live as the job.
+- `create(job, input_reference=...)` also keeps an image-to-video job's uploaded image (the bytes as received,
+  `get_input`) with the job, and drops it with the job: the server writes no upload anywhere else.
 
 Finished jobs are forgotten after `ttl` seconds, and the oldest finished ones when more than `max_jobs` are kept.
 """
@@ -59,13 +61,14 @@ class VideoJob(BaseModel):
 
 
 class JobStore(Protocol):
-    def create(self, job: VideoJob) -> None: ...
+    def create(self, job: VideoJob, input_reference: bytes | None = None) -> None: ...
     def update(self, job: VideoJob) -> bool: ...
     def get(self, job_id: str) -> VideoJob | None: ...
     def delete(self, job_id: str) -> bool: ...
     def list(self) -> list[VideoJob]: ...
     def put_content(self, job_id: str, content: bytes) -> bool: ...
     def get_content(self, job_id: str) -> bytes | None: ...
+    def get_input(self, job_id: str) -> bytes | None: ...
     def cancelled(self, job_ids: Iterable[str]) -> set[str]: ...
     def close(self) -> None: ...
 
@@ -75,12 +78,14 @@ def _finished(job: VideoJob) -> bool:
 
 
 class MemoryJobStore:
-    """Jobs and their MP4 bytes in this process (thread-safe: the engine's worker thread writes progress)."""
+    """Jobs, their input images and MP4 bytes in this process (thread-safe: the engine's worker thread writes
+    progress)."""
 
     def __init__(self, ttl: float = 3600.0, max_jobs: int = 1000):
         self.ttl, self.max_jobs = ttl, max_jobs
         self._jobs: dict[str, VideoJob] = {}
         self._content: dict[str, bytes] = {}
+        self._inputs: dict[str, bytes] = {}
         self._cancelled: dict[str, float] = {}
         self._lock = threading.RLock()
 
@@ -97,10 +102,13 @@ class MemoryJobStore:
     def _drop(self, job_id: str) -> None:
         self._jobs.pop(job_id, None)
         self._content.pop(job_id, None)
+        self._inputs.pop(job_id, None)
 
-    def create(self, job: VideoJob) -> None:
+    def create(self, job: VideoJob, input_reference: bytes | None = None) -> None:
         with self._lock:
             self._jobs[job.id] = job.model_copy(deep=True)
+            if input_reference is not None:
+                self._inputs[job.id] = input_reference
             self._expire()
 
     def update(self, job: VideoJob) -> bool:
@@ -138,6 +146,10 @@ class MemoryJobStore:
         with self._lock:
             return self._content.get(job_id)
 
+    def get_input(self, job_id: str) -> bytes | None:
+        with self._lock:
+            return self._inputs.get(job_id)
+
     def cancelled(self, job_ids: Iterable[str]) -> set[str]:
         with self._lock:
             return {i for i in job_ids if i in self._cancelled}
@@ -147,8 +159,9 @@ class MemoryJobStore:
 
 
 class RedisJobStore:
-    """Jobs in a shared Redis: `<prefix>job:<id>` (JSON), `<prefix>content:<id>` (MP4 bytes), `<prefix>cancel:<id>`
-    (flag), all with a time to live, and `<prefix>jobs` (sorted set of ids by creation time) for listings.
+    """Jobs in a shared Redis: `<prefix>job:<id>` (JSON), `<prefix>content:<id>` (MP4 bytes), `<prefix>input:<id>`
+    (an image-to-video job's uploaded image), `<prefix>cancel:<id>` (flag), all with a time to live, and
+    `<prefix>jobs` (sorted set of ids by creation time) for listings.
 
     A running job's key is rewritten after every step, which renews its time to live; a finished job's key expires
     `ttl` seconds after its last write."""
@@ -174,9 +187,11 @@ class RedisJobStore:
     def ping(self) -> None:
         self.redis.ping()
 
-    def create(self, job: VideoJob) -> None:
+    def create(self, job: VideoJob, input_reference: bytes | None = None) -> None:
         pipe = self.redis.pipeline()
         pipe.set(self._k("job", job.id), job.model_dump_json(), ex=self.ttl)
+        if input_reference is not None:
+            pipe.set(self._k("input", job.id), input_reference, ex=self.ttl)
         pipe.zadd(self.prefix + "jobs", {job.id: job.created_at})
         pipe.execute()
         self._trim()
@@ -193,7 +208,7 @@ class RedisJobStore:
             job = self.get(job_id.decode())
             if job is None or _finished(job):
                 self.redis.zrem(index, job_id)
-                self.redis.delete(self._k("job", job_id.decode()), self._k("content", job_id.decode()))
+                self.redis.delete(*(self._k(kind, job_id.decode()) for kind in ("job", "content", "input")))
                 excess -= 1
 
     def update(self, job: VideoJob) -> bool:
@@ -207,7 +222,7 @@ class RedisJobStore:
     def delete(self, job_id: str) -> bool:
         pipe = self.redis.pipeline()
         pipe.set(self._k("cancel", job_id), b"1", ex=self.ttl)
-        pipe.delete(self._k("job", job_id), self._k("content", job_id))
+        pipe.delete(self._k("job", job_id), self._k("content", job_id), self._k("input", job_id))
         pipe.zrem(self.prefix + "jobs", job_id)
         return bool(pipe.execute()[1])
 
@@ -227,6 +242,9 @@ class RedisJobStore:
 
     def get_content(self, job_id: str) -> bytes | None:
         return self.redis.get(self._k("content", job_id))
+
+    def get_input(self, job_id: str) -> bytes | None:
+        return self.redis.get(self._k("input", job_id))
 
     def cancelled(self, job_ids: Iterable[str]) -> set[str]:
         ids = list(job_ids)
@@ -281,9 +299,10 @@ class VideoJobs:
         self.store, self.scheduler, self.describe_error = store, scheduler, describe_error
         self.items: dict[str, WorkItem] = {}  # this replica's jobs, queued or running, by job id
 
-    async def submit(self, item: WorkItem, fps: int) -> VideoJob:
-        """Record a queued job for `item` (its parameters resolved), then queue the work. When admission refuses
-        it (`QueueFull`, `Draining`), the record is deleted again and the error raised."""
+    async def submit(self, item: WorkItem, fps: int, input_reference: bytes | None = None) -> VideoJob:
+        """Record a queued job for `item` (its parameters resolved; an image-to-video job's uploaded image with it),
+        then queue the work. When admission refuses it (`QueueFull`, `Draining`), the record is deleted again and
+        the error raised."""
         params = item.params
         job = VideoJob(id="video_" + secrets.token_hex(12), model=item.model, status="queued",
                        created_at=int(time.time()), prompt=params.prompt, seconds=f"{params.num_frames / fps:g}",
@@ -301,7 +320,7 @@ class VideoJobs:
                 self.scheduler.cancel(item)  # deleted elsewhere: stop at this step
 
         item.on_start, item.on_progress = on_start, on_progress
-        await asyncio.to_thread(self.store.create, job)
+        await asyncio.to_thread(self.store.create, job, input_reference)
         try:
             future = self.scheduler.submit(item)
         except Exception:

@@ -6,7 +6,8 @@
   steps, guidance, frames; defaults filled in) and acceleration spec (its canonical key) join it, up to
   `max_batch_size`, waiting at most `max_batch_wait_ms` after the oldest arrived. Incompatible requests are
   never mixed, and a spec whose methods decide from the batch's data (`AccelSpec.batch_invariant` False:
-  Sortblock, FBCache, DBCache) runs alone, so no output depends on who else was in its batch.
+  Sortblock, FBCache, DBCache) runs alone, so no output depends on who else was in its batch. A request with
+  input images (an edit, image-to-video) runs alone too (`accel.generate.runs_alone`).
 - Deadlines and cancellation: polled after every denoising step; a batch whose requests are all cancelled or
   past their deadline is interrupted, so the device is free within one step.
 - Failures: a failed batch of several requests is retried one by one, so a bad request fails alone; an
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from accel.errors import AccelError
-from accel.generate import GenerationParams, GenerationResult
+from accel.generate import GenerationParams, GenerationResult, runs_alone
 from accel.spec import AccelSpec
 
 from server.engine import BatchRecord, Engine, work_key
@@ -157,7 +158,8 @@ class Scheduler:
                 await self._arrived.wait()
                 continue
             head = self.pending[0]
-            limit = self.settings.max_batch_size if head.spec.batch_invariant else 1
+            alone = runs_alone(head.params) or not head.spec.batch_invariant
+            limit = 1 if alone else self.settings.max_batch_size
             batch = [item for item in self.pending if item.key == head.key][:limit]
             wait = head.enqueued + self.settings.max_batch_wait_ms / 1000 - time.monotonic()
             if len(batch) < limit and wait > 0:

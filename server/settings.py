@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -57,7 +58,11 @@ class ServerSettings(BaseSettings):
     max_steps: int = Field(100, ge=1)
     max_n: int = Field(4, ge=1, le=16)
     max_prompt_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="request body, uploaded files included (413 beyond)")
+    max_input_images: int = Field(4, ge=1, le=16, description="input images one request may upload (edits)")
+    max_input_pixels: int = Field(
+        2048 * 2048, ge=64 * 64, le=Image.MAX_IMAGE_PIXELS,
+        description="pixels of one uploaded image, read from its header before it is decoded (400 beyond)")
     allowed_methods: list[str] | None = Field(
         None, description="accelerator methods requests (and presets) may use; None: all, []: none")
     method_limits: dict[str, dict[str, tuple[float, float]]] = Field(

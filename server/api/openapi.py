@@ -1,5 +1,5 @@
 """The OpenAPI document, completed where FastAPI cannot see the server: request bodies that the routes read
-themselves (`read_body`: JSON, and multipart for videos) and the error body need their schemas among the
+themselves (`read_body`: JSON, multipart for videos, multipart only for edits) and the error body need their schemas among the
 components, validation errors are answered 400 (`validation_error_handler`), never FastAPI's 422, and the request
 schemas carry this server's limits (steps, frames, n, prompt length), so a client (or a fuzzer) reads them there."""
 
@@ -9,22 +9,23 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from server.api.schemas import ErrorResponse, ImageGenerationRequest, VideoCreateRequest
+from server.api.schemas import ErrorResponse, ImageEditRequest, ImageGenerationRequest, VideoCreateRequest
 
 
 def openapi_document(app: FastAPI) -> dict:
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        models = [(ImageGenerationRequest, "validation"), (VideoCreateRequest, "validation"),
-                  (ErrorResponse, "serialization")]
+        models = [(ImageGenerationRequest, "validation"), (ImageEditRequest, "validation"),
+                  (VideoCreateRequest, "validation"), (ErrorResponse, "serialization")]
         _, bodies = models_json_schema(models, ref_template="#/components/schemas/{model}")
         schemas = doc.setdefault("components", {}).setdefault("schemas", {})
         schemas.update(bodies["$defs"])
         settings = app.state.accel.settings
         limits = {"num_inference_steps": ("maximum", settings.max_steps), "num_frames": ("maximum", settings.max_frames),
                   "n": ("maximum", settings.max_n), "prompt": ("maxLength", settings.max_prompt_chars),
-                  "negative_prompt": ("maxLength", settings.max_prompt_chars)}
-        for request in ("ImageGenerationRequest", "VideoCreateRequest"):
+                  "negative_prompt": ("maxLength", settings.max_prompt_chars),
+                  "image": ("maxItems", settings.max_input_images)}
+        for request in ("ImageGenerationRequest", "ImageEditRequest", "VideoCreateRequest"):
             for name, (key, limit) in limits.items():
                 _cap(schemas[request]["properties"], name, key, limit)
         for name in ("HTTPValidationError", "ValidationError"):

@@ -4,15 +4,15 @@ field. What the model allows (defaults, size multiples, frame counts its VAE enc
 from `accel.generate`; the limits here are the server's settings, applied to what will run (defaults included).
 
 Bodies are read here, not by FastAPI, so that every framing meets the same rules: JSON is UTF-8 without a BOM,
-with no NaN or Infinity, nested at most `MAX_DEPTH` deep; a multipart form's fields are UTF-8 text."""
+with no NaN or Infinity, nested at most `MAX_DEPTH` deep; a multipart form's fields are UTF-8 text, and its files
+(input images) are decoded in memory within the server's count and pixel limits (`server.api.uploads`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from email import policy
-from email.parser import BytesParser
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -24,7 +24,8 @@ from accel.presets import QUALITY_TO_PRESET
 from accel.spec import AccelSpec, parse_spec
 
 from server.api.errors import APIError, bad_request, param_of
-from server.api.schemas import ImageGenerationRequest, VideoCreateRequest
+from server.api.schemas import ImageEditRequest, ImageGenerationRequest, VideoCreateRequest
+from server.api.uploads import Upload, decode_image, parse_form
 from server.engine import LoadedModel
 from server.scheduler import WorkItem
 from server.settings import ServerSettings
@@ -34,23 +35,30 @@ MAX_DEPTH = 16  # JSON nesting a request may use; the deepest valid request (a s
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def choose_model(models: dict[str, LoadedModel], model_id: str | None, task: str) -> tuple[str, LoadedModel]:
-    """The named model, or the first one of the route's task; it must serve that task."""
+ROUTES = {"text-to-image": "/v1/images/generations", "image-edit": "/v1/images/edits",
+          "text-to-video": "/v1/videos", "image-to-video": "/v1/videos (with input_reference)"}
+
+
+def choose_model(models: dict[str, LoadedModel], model_id: str | None,
+                 tasks: tuple[str, ...]) -> tuple[str, LoadedModel]:
+    """The named model, or the first one serving the route's first task (else its next); the model must serve one
+    of the route's tasks. Whether the request's inputs fit the model's task is `resolve_params`'s to say."""
     if not models:
         raise APIError(503, "models are still loading", type="server_error")
     available = ", ".join(models)
     if model_id is None:
-        model_id = next((m for m, loaded in models.items() if loaded.info.task == task), None)
+        model_id = next((m for task in tasks for m, loaded in models.items() if task in loaded.info.tasks), None)
         if model_id is None:
-            raise APIError(400, f"no {task} model is served here; available: {available}", param="model",
+            raise APIError(400, f"no {tasks[0]} model is served here; available: {available}", param="model",
                            code="model_not_found")
     if model_id not in models:
         raise APIError(400, f"model {model_id!r} is not served here; available: {available}",
                        param="model", code="model_not_found")
     loaded = models[model_id]
-    if loaded.info.task != task:
-        other = "/v1/videos" if loaded.info.task == "text-to-video" else "/v1/images/generations"
-        raise bad_request(f"model {model_id!r} is a {loaded.info.task} model; use {other}", "model")
+    if not set(tasks) & set(loaded.info.tasks):
+        served = ", ".join(loaded.info.tasks)
+        routes = " or ".join(dict.fromkeys(ROUTES[task] for task in loaded.info.tasks))
+        raise bad_request(f"model {model_id!r} serves {served}; use {routes}", "model")
     return model_id, loaded
 
 
@@ -84,8 +92,10 @@ def _over_limits(settings: ServerSettings, params: ResolvedParams) -> None:
                           "num_frames")
 
 
-def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -> ResolvedParams:
-    """The request's generation parameters resolved against the model, within the server's limits."""
+def resolve(settings: ServerSettings, body, loaded: LoadedModel, image_param: str = "image",
+            **extra: Any) -> ResolvedParams:
+    """The request's generation parameters resolved against the model, within the server's limits; `image_param`
+    is the request's name for the input images."""
     if len(body.prompt) > settings.max_prompt_chars:
         raise bad_request(f"prompt: longer than {settings.max_prompt_chars} characters", "prompt")
     if body.negative_prompt and len(body.negative_prompt) > settings.max_prompt_chars:
@@ -100,7 +110,10 @@ def resolve(settings: ServerSettings, body, loaded: LoadedModel, **extra: Any) -
         )
         params = resolve_params(loaded.pipe, params)
     except AccelError as exc:
-        raise bad_request(str(exc), param_of(exc)) from None
+        param = param_of(exc)
+        if param == "image" and image_param != "image":
+            raise bad_request(image_param + str(exc).removeprefix("image"), image_param) from None
+        raise bad_request(str(exc), param) from None
     _over_limits(settings, params)
     return params
 
@@ -110,14 +123,42 @@ def _deadline(settings: ServerSettings, body) -> float:
     return time.monotonic() + min(body.timeout or settings.request_timeout_s, settings.request_timeout_s)
 
 
-def image_work(settings: ServerSettings, models: dict[str, LoadedModel], body: ImageGenerationRequest) -> WorkItem:
-    model_id, loaded = choose_model(models, body.model, "text-to-image")
+def image_work(settings: ServerSettings, models: dict[str, LoadedModel], body: ImageGenerationRequest,
+               **inputs: Any) -> WorkItem:
+    """A generation, or with `inputs` (decoded `images` and `mask`: `input_images`) an edit."""
+    task = "image-edit" if isinstance(body, ImageEditRequest) else "text-to-image"
+    model_id, loaded = choose_model(models, body.model, (task,))
     if body.n > settings.max_n:
         raise bad_request(f"n: at most {settings.max_n} images per request", "n")
     quality = None if body.quality in (None, "standard", "hd") else body.quality
     spec = acceleration(settings, body, loaded, quality)
-    params = resolve(settings, body, loaded, num_outputs=body.n)
+    params = resolve(settings, body, loaded, num_outputs=body.n, **inputs)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body))
+
+
+async def input_images(settings: ServerSettings, body) -> dict[str, Any]:
+    """The request's input images decoded (off the event loop): `images` from `image` (an edit) or
+    `input_reference` (image-to-video), and `mask`; at most `max_input_images`, each within `max_input_pixels`."""
+    uploads: list[tuple[Upload, str]] = []
+    if isinstance(body, ImageEditRequest):
+        if len(body.image) > settings.max_input_images:
+            raise bad_request(f"image: {len(body.image)} images is more than this server's limit of "
+                              f"{settings.max_input_images}", "image")
+        single = len(body.image) == 1
+        uploads = [(upload, "image" if single else f"image[{i}]") for i, upload in enumerate(body.image)]
+    elif getattr(body, "input_reference", None) is not None:
+        uploads = [(body.input_reference, "input_reference")]
+    mask = getattr(body, "mask", None)
+
+    def decode() -> dict[str, Any]:
+        inputs: dict[str, Any] = {}
+        if uploads:
+            inputs["images"] = [decode_image(upload, param, settings.max_input_pixels) for upload, param in uploads]
+        if mask is not None:
+            inputs["mask"] = decode_image(mask, "mask", settings.max_input_pixels, mode="L")
+        return inputs
+
+    return await asyncio.to_thread(decode) if uploads or mask is not None else {}
 
 
 def video_frames(body: VideoCreateRequest, loaded: LoadedModel, max_frames: int) -> tuple[int | None, int]:
@@ -133,13 +174,15 @@ def video_frames(body: VideoCreateRequest, loaded: LoadedModel, max_frames: int)
     return frames, fps
 
 
-def video_work(settings: ServerSettings, models: dict[str, LoadedModel],
-               body: VideoCreateRequest) -> tuple[WorkItem, int]:
-    """The video request's work item and its fps."""
-    model_id, loaded = choose_model(models, body.model, "text-to-video")
+def video_work(settings: ServerSettings, models: dict[str, LoadedModel], body: VideoCreateRequest,
+               **inputs: Any) -> tuple[WorkItem, int]:
+    """The video request's work item and its fps; with `inputs` (the decoded `input_reference` as `images`:
+    `input_images`) image-to-video."""
+    tasks = ("image-to-video", "text-to-video") if inputs else ("text-to-video", "image-to-video")
+    model_id, loaded = choose_model(models, body.model, tasks)
     spec = acceleration(settings, body, loaded)
     frames, fps = video_frames(body, loaded, settings.max_frames)
-    params = resolve(settings, body, loaded, num_frames=frames)
+    params = resolve(settings, body, loaded, image_param="input_reference", num_frames=frames, **inputs)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body)), fps
 
 
@@ -160,25 +203,8 @@ def _json(raw: bytes) -> Any:
 
 
 def _form(content_type: str, raw: bytes) -> dict[str, Any]:
-    """A multipart form's fields as text (strict UTF-8, each field once; a file part is `{"file": name}`, which
-    no text field accepts). `acceleration` may be JSON text."""
-    head = f"Content-Type: {content_type}\r\n\r\n".encode("latin-1", "replace")
-    message = BytesParser(policy=policy.HTTP).parsebytes(head + raw)
-    if not message.is_multipart() or message.defects:
-        raise bad_request("malformed multipart body")
-    fields: dict[str, Any] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str) or not name:
-            raise bad_request("malformed multipart body: a part without a name")
-        if name in fields:
-            raise bad_request(f"{name}: given more than once", name)
-        try:
-            filename = part.get_filename()
-            fields[name] = {"file": filename} if filename is not None else (
-                (part.get_payload(decode=True) or b"").decode("utf-8"))
-        except UnicodeDecodeError:
-            raise bad_request(f"{name}: not UTF-8 text", name) from None
+    """A multipart form's fields (`server.api.uploads.parse_form`); `acceleration` may be JSON text."""
+    fields = parse_form(content_type, raw)
     text = fields.get("acceleration")
     if isinstance(text, str) and text[:1] in ("[", "{"):
         fields["acceleration"] = _json(text.encode())
@@ -193,17 +219,20 @@ def _depth(value: Any, limit: int) -> int:
     return 1 + max((_depth(item, limit - 1) for item in items), default=0)
 
 
-async def read_body(request: Request, schema: type[Body], *, multipart: bool = False) -> Body:
-    """The body as `schema`: JSON (strict types), or with `multipart` also multipart/form-data (its text fields
-    converted to the schema's types). Any other content type is 415."""
+async def read_body(request: Request, schema: type[Body], *, accept_json: bool = True,
+                    multipart: bool = False) -> Body:
+    """The body as `schema`: JSON (strict types) unless `accept_json` is False, and with `multipart`
+    multipart/form-data (its text fields converted to the schema's types, its files as `Upload`s). Any other
+    content type is 415."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
-    if media == "application/json":
+    if accept_json and media == "application/json":
         data, strict = _json(await request.body()), True
     elif multipart and media == "multipart/form-data":
         data, strict = _form(content_type, await request.body()), False
     else:  # refused before a byte of the body is read
-        accepted = "application/json or multipart/form-data" if multipart else "application/json"
+        kinds = (("application/json", accept_json), ("multipart/form-data", multipart))
+        accepted = " or ".join(name for name, on in kinds if on)
         raise APIError(415, f"content type {media or 'none'!r} is not accepted here; send {accepted}",
                        code="unsupported_media_type")
     if not isinstance(data, dict):

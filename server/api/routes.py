@@ -21,11 +21,12 @@ from accel.spec import method_schemas, parse_spec
 
 from server.api.errors import APIError, bad_request, error_body, failure
 from server.api.guard import authorised
-from server.api.requests import image_work, read_body, video_work
+from server.api.requests import image_work, input_images, read_body, video_work
 from server.api.schemas import (
     ErrorResponse,
     Health,
     ImageData,
+    ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
     ModelCard,
@@ -50,7 +51,7 @@ _ERRORS = {
     408: "the request body did not arrive within `body_timeout_s`",
     409: "the video is not ready",
     413: "request body larger than `max_body_bytes`",
-    415: "the body is not JSON (or, for videos, multipart/form-data)",
+    415: "the body is not JSON (videos: or multipart/form-data; edits: multipart/form-data only)",
     429: "the queue is full; retry after `Retry-After` seconds",
     503: "models still loading, the server draining, or out of device memory",
     504: "the request did not finish before its deadline",
@@ -64,10 +65,12 @@ def errors(*codes: int) -> dict:
     return {code: {"description": _ERRORS[code], "content": content} for code in sorted({401, *codes})}
 
 
-def json_body(schema: type, *, multipart: bool = False) -> dict:
+def request_body(schema: type, *, json: bool = True, multipart: bool = False) -> dict:
     """OpenAPI request body for a route that reads its body itself (`read_body`)."""
     ref = {"$ref": f"#/components/schemas/{schema.__name__}"}
-    content = {"application/json": {"schema": ref}}
+    content = {}
+    if json:
+        content["application/json"] = {"schema": ref}
     if multipart:
         content["multipart/form-data"] = {"schema": ref}
     return {"requestBody": {"required": True, "content": content}}
@@ -102,11 +105,28 @@ def admission(app_state) -> Iterator[None]:
 
 # -- images ------------------------------------------------------------------------------------------------------
 @router.post("/v1/images/generations", dependencies=PROTECTED, operation_id="create_images",
-             responses=errors(400, 408, 413, 415, 429, 503, 504), openapi_extra=json_body(ImageGenerationRequest))
+             responses=errors(400, 408, 413, 415, 429, 503, 504), openapi_extra=request_body(ImageGenerationRequest))
 async def create_images(request: Request) -> ImagesResponse:
     app_state = state(request)
     body = await read_body(request, ImageGenerationRequest)
-    item = image_work(app_state.settings, app_state.engine.models, body)
+    return await _images(request, body, image_work(app_state.settings, app_state.engine.models, body))
+
+
+@router.post("/v1/images/edits", dependencies=PROTECTED, operation_id="edit_images",
+             responses=errors(400, 408, 413, 415, 429, 503, 504),
+             openapi_extra=request_body(ImageEditRequest, json=False, multipart=True))
+async def edit_images(request: Request) -> ImagesResponse:
+    """Edit images with an image-edit model (FLUX.1 Kontext, Qwen-Image-Edit, FLUX.2 with reference images):
+    multipart/form-data with `image` (one or more files) and `prompt`, plus the generation fields."""
+    app_state = state(request)
+    body = await read_body(request, ImageEditRequest, accept_json=False, multipart=True)
+    inputs = await input_images(app_state.settings, body)
+    return await _images(request, body, image_work(app_state.settings, app_state.engine.models, body, **inputs))
+
+
+async def _images(request: Request, body: ImageGenerationRequest, item) -> ImagesResponse:
+    """Submit an image request's work, wait for it (cancelled when the client goes away) and answer."""
+    app_state = state(request)
     request.state.log.update(model=item.model, spec=item.spec.key, seed=item.params.seed, item=item.id)
     with admission(app_state):
         future = app_state.scheduler.submit(item)
@@ -144,13 +164,15 @@ _VIDEO_LINKS = {
 
 @router.post("/v1/videos", dependencies=PROTECTED, operation_id="create_video",
              responses={**errors(400, 408, 413, 415, 429, 503), 200: {"links": _VIDEO_LINKS}},
-             openapi_extra=json_body(VideoCreateRequest, multipart=True))
+             openapi_extra=request_body(VideoCreateRequest, multipart=True))
 async def create_video(request: Request) -> VideoJob:
     app_state = state(request)
     body = await read_body(request, VideoCreateRequest, multipart=True)
-    item, fps = video_work(app_state.settings, app_state.engine.models, body)
+    inputs = await input_images(app_state.settings, body)
+    item, fps = video_work(app_state.settings, app_state.engine.models, body, **inputs)
+    reference = body.input_reference.content if body.input_reference is not None else None
     with admission(app_state):
-        job = await app_state.videos.submit(item, fps)
+        job = await app_state.videos.submit(item, fps, input_reference=reference)
     request.state.log.update(model=item.model, spec=item.spec.key, seed=item.params.seed, job=job.id)
     return job
 
@@ -211,8 +233,8 @@ async def list_models(request: Request) -> ModelList:
 def _card(model_id: str, loaded, created: int) -> ModelCard:
     info, defaults = loaded.info, loaded.info.defaults
     size = f"{defaults.width}x{defaults.height}" if defaults.width and defaults.height else None
-    return ModelCard(id=model_id, created=created, task=info.task, family=info.family,
-                     default_preset=loaded.settings.default_preset, prune_plans=list(info.prune_plans),
+    return ModelCard(id=model_id, created=created, task=info.task, tasks=list(info.tasks), family=info.family,
+                     max_input_images=info.max_images, default_preset=loaded.settings.default_preset, prune_plans=list(info.prune_plans),
                      default_size=size, default_steps=defaults.num_inference_steps,
                      default_guidance=defaults.guidance_scale, default_frames=defaults.num_frames,
                      size_multiple=info.size_multiple)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from server.api.uploads import Upload
 from server.jobs import VideoJob  # the job record is the response body as is
 
 MAX_SECONDS = 3600.0
@@ -63,6 +64,29 @@ Seconds = Annotated[
 ]
 
 
+_BINARY = {"type": "string", "format": "binary"}
+_NOT_A_FILE = "must be an image file: a file part (with a filename) of a multipart/form-data body; no URL or path is read"
+
+
+def _upload(value: Any) -> Any:
+    if value is not None and not isinstance(value, Upload):
+        raise ValueError(_NOT_A_FILE)
+    return value
+
+
+def _uploads(value: list[Any]) -> list[Upload]:
+    if not value:
+        raise ValueError("at least one image is required")
+    if not all(isinstance(item, Upload) for item in value):
+        raise ValueError(_NOT_A_FILE)
+    return value
+
+
+ImageFile = Annotated[Any, AfterValidator(_upload), WithJsonSchema(_BINARY)]
+ImageFiles = Annotated[list[Any], AfterValidator(_uploads),
+                       WithJsonSchema({"type": "array", "items": _BINARY, "minItems": 1})]
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -102,6 +126,14 @@ class ImageGenerationRequest(_Request):
     moderation: str | None = Field(None, max_length=64)
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """multipart/form-data only: the generation fields as text (`acceleration` may be JSON text) plus the files."""
+
+    image: ImageFiles = Field(..., description="the image to edit, then any reference images (PNG, JPEG or WebP); "
+                              "repeat the part for several (`image` or `image[]`), as many as the model takes")
+    mask: ImageFile = Field(None, description="where the image may change (models that take a mask only)")
+
+
 class ImageData(BaseModel):
     b64_json: str
     revised_prompt: str | None = None
@@ -124,14 +156,8 @@ class VideoCreateRequest(_Request):
                                     "model's VAE encodes")
     num_frames: int | None = Field(None, ge=1, le=10000)
     fps: int | None = Field(None, ge=1, le=120)
-    input_reference: Annotated[Any, WithJsonSchema({"type": "null", "description": "not supported (image-to-video)"})] = None
-
-    @field_validator("input_reference")
-    @classmethod
-    def _no_reference(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("image-to-video input references are not supported")
-        return value
+    input_reference: ImageFile = Field(None, description="image-to-video models: the first frame (PNG, JPEG or "
+                                       "WebP), a file part of a multipart/form-data body")
 
 
 class VideoList(BaseModel):
@@ -150,8 +176,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "diffusion-accel"
-    task: str
+    task: str = Field(description="the model's main task (the first of `tasks`)")
+    tasks: list[str] = Field(description="text-to-image, image-edit (/v1/images/edits), text-to-video, "
+                             "image-to-video (/v1/videos with input_reference)")
     family: str
+    max_input_images: int = Field(0, description="input images a request may give (edits, image-to-video)")
     default_preset: str
     prune_plans: list[str] = Field(default_factory=list, description="plan names `prune:plan=<name>` may use")
     default_size: str | None = Field(None, description="WxH a request without `size` gets")
