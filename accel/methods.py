@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from accel.base import Method
 from accel.attention import sparse
-from accel.caching import abcache, cachedit_peer, diffusers_peers, sortblock
+from accel.caching import abcache, abcache_adaptive, cachedit_peer, diffusers_peers, sortblock
 from accel.guidance import s2
 from accel.pruning import prune
 
@@ -29,6 +29,7 @@ METHODS: dict[str, Method] = {
         diffusers_peers.MAGCACHE,
         cachedit_peer.DBCACHE,
         abcache.ABCACHE,
+        abcache_adaptive.ABCACHE_ADAPTIVE,
     )
 }
 

@@ -1,0 +1,203 @@
+"""Adaptive AB-Cache (`abcache_adaptive`): bit-identity at skip-nothing knobs, exact work counts (counted outside the
+method, on every attention's query projection), no state across calls, branches or batch items, knob validation,
+and the embedded error estimate itself."""
+
+import numpy as np
+import pytest
+import torch
+
+from accel import SpecError, accelerate
+from accel.caching.abcache_adaptive import (
+    AdaptiveABCacheCallHook, AdaptiveABCacheConfig, AdaptiveABCacheCounters, AdaptiveABCacheState, extrapolate,
+    relative_error,
+)
+from accel.spec import parse_spec
+from helpers import registries_empty, run
+
+FAMILIES = ["tiny-flux", "tiny-wan"]
+SKIP_NOTHING = ["abcache_adaptive:tolerance=0", "abcache_adaptive:max_skip=0", "abcache_adaptive:warmup=1000"]
+SKIPPING = "abcache_adaptive:tolerance=10"  # every step that has an estimate is extrapolated (up to max_skip)
+
+
+class QueryCalls:
+    """Attention computations counted outside the methods: a pre-hook on every `to_q` of the transformer."""
+
+    def __init__(self, pipe):
+        self.count = 0
+        self.handles = [m.register_forward_pre_hook(self._hit) for n, m in pipe.transformer.named_modules()
+                        if n.endswith("to_q")]
+        self.per_call = len(self.handles)  # one query projection per attention, every attention runs once a call
+
+    def _hit(self, *_):
+        self.count += 1
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_knobs_that_skip_nothing_are_bit_identical(load, name, cfg, batch):
+    pipe = load(name)
+    plain = run(pipe, name, cfg=cfg, batch=batch, num_inference_steps=8)
+    for spec in SKIP_NOTHING:
+        with accelerate(pipe, spec) as report:
+            out = run(pipe, name, cfg=cfg, batch=batch, num_inference_steps=8)
+        assert np.array_equal(plain, out), spec
+        assert report.block_fraction_computed == 1.0, spec
+        assert report.details["abcache_adaptive"].extrapolated_calls == 0, spec
+        assert registries_empty(pipe.transformer)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+@pytest.mark.parametrize("spec", [SKIPPING, "abcache_adaptive:tolerance=0.2,max_skip=2,order=3,estimate=higher"])
+def test_work_counted_outside_equals_the_report(load, name, cfg, spec):
+    pipe = load(name)
+    counter = QueryCalls(pipe)
+    try:
+        with accelerate(pipe, spec) as report:
+            run(pipe, name, cfg=cfg, num_inference_steps=10)
+    finally:
+        counter.close()
+    details = report.details["abcache_adaptive"]
+    blocks_per_call = sum(report.blocks_total.values()) // report.transformer_calls
+    assert details.computed_calls + details.extrapolated_calls == report.transformer_calls
+    assert len(details.computed_steps) == details.computed_calls
+    assert sum(report.blocks_computed.values()) == details.computed_calls * blocks_per_call
+    assert counter.count == details.computed_calls * counter.per_call  # skipped calls run no attention at all
+    if spec == SKIPPING:
+        assert details.extrapolated_calls > 0
+        # per branch: steps 0 and 1 computed (no estimate from one output), then max_skip (10) steps extrapolated
+        assert sorted(details.computed_steps) == sorted([0, 1] * (2 if cfg else 1))
+
+
+def test_each_branch_keeps_its_own_history(load):
+    """True CFG: the uncond branch computes its own first steps; it never extrapolates from the cond outputs."""
+    pipe = load("tiny-flux")
+    with accelerate(pipe, SKIPPING) as report:
+        run(pipe, "tiny-flux", cfg=True, num_inference_steps=6)
+    steps = report.details["abcache_adaptive"].computed_steps
+    assert steps.count(0) == 2 and steps.count(1) == 2 and len(steps) == 4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_no_state_leaks_between_calls_sizes_and_step_counts(load, name):
+    spec = "abcache_adaptive:tolerance=0.3"
+    pipe = load(name)
+    with accelerate(pipe, spec):
+        first = run(pipe, name, cfg=True, num_inference_steps=10)
+        again_in_block = run(pipe, name, cfg=True, num_inference_steps=10)
+    small = dict(height=48, width=48) if name == "tiny-wan" else dict(height=96, width=64)
+    with accelerate(pipe, spec):
+        run(pipe, name, num_inference_steps=7, **small)
+    with accelerate(pipe, "abcache"):
+        run(pipe, name, cfg=True, num_inference_steps=5)
+    with accelerate(pipe, spec):
+        again = run(pipe, name, cfg=True, num_inference_steps=10)
+    assert np.array_equal(first, again) and np.array_equal(first, again_in_block)
+    assert registries_empty(pipe.transformer)
+
+
+def test_a_batch_item_equals_the_same_request_alone(load):
+    """Two identical items (same prompt, same noise): the worst-item decision equals each item's own, and each item
+    is extrapolated from its own history only, so the batch gives what one item alone gives."""
+    pipe = load("tiny-flux")
+    kwargs = dict(height=64, width=64, num_inference_steps=10, output_type="np")
+    spec = "abcache_adaptive:tolerance=0.3"
+    with accelerate(pipe, spec) as alone:
+        single = pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
+    with accelerate(pipe, spec) as both:
+        pair = pipe(prompt=["a red circle"] * 2, generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+                    **kwargs).images
+    assert alone.details["abcache_adaptive"].computed_steps == both.details["abcache_adaptive"].computed_steps
+    assert alone.details["abcache_adaptive"].extrapolated_calls > 0
+    np.testing.assert_allclose(pair[0], single[0], atol=1e-4)
+    np.testing.assert_allclose(pair[1], single[0], atol=1e-4)
+
+
+def test_skipping_changes_the_output_a_little(load):
+    pipe = load("tiny-wan")
+    plain = run(pipe, "tiny-wan", cfg=True, num_inference_steps=12)
+    with accelerate(pipe, "abcache_adaptive:tolerance=0.3") as report:
+        out = run(pipe, "tiny-wan", cfg=True, num_inference_steps=12)
+    assert report.block_fraction_computed < 0.9
+    assert not np.array_equal(plain, out)
+    assert np.abs(plain - out).mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ("abcache_adaptive:tolerance=-0.1", "abcache_adaptive.tolerance"),
+        ("abcache_adaptive:order=4", "abcache_adaptive.order"),
+        ("abcache_adaptive:order=0", "abcache_adaptive.order"),
+        ("abcache_adaptive:warmup=0", "abcache_adaptive.warmup"),
+        ("abcache_adaptive:max_skip=-1", "abcache_adaptive.max_skip"),
+        ("abcache_adaptive:final=-1", "abcache_adaptive.final"),
+        ("abcache_adaptive:estimate=middle", "abcache_adaptive.estimate"),
+        ("abcache_adaptive:spacing=cubic", "abcache_adaptive.spacing"),
+        ("abcache_adaptive:interval=3", "abcache_adaptive.interval"),
+    ],
+)
+def test_bad_knobs_name_the_field(bad, field):
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad)
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_it_is_a_cache_like_the_others():
+    for spec in ["abcache_adaptive;abcache", "abcache_adaptive;sortblock", "taylorseer;abcache_adaptive"]:
+        with pytest.raises(SpecError, match="cannot be combined"):
+            parse_spec(spec)
+    assert parse_spec("abcache_adaptive").key == "abcache_adaptive"
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_extrapolation_is_exact_for_polynomials_of_degree_k_minus_one(k):
+    coefficients = torch.randn(k, 3, dtype=torch.float64)
+    poly = lambda t: sum(c * t ** i for i, c in enumerate(coefficients))
+    times = [0.0, 2.0, 5.0][:k]
+    value = extrapolate(times, [poly(t).float() for t in times], 9.0)
+    torch.testing.assert_close(value.double(), poly(9.0), rtol=1e-4, atol=1e-3)
+
+
+def test_relative_error_takes_the_worst_item():
+    a = torch.ones(2, 4)
+    b = torch.stack([torch.full((4,), 1.1), torch.full((4,), 1.5)])
+    assert relative_error(a, b) == pytest.approx(0.5)
+
+
+def _drive(config, outputs):
+    """Run the call hook over synthetic denoiser outputs; returns (returned values, counters)."""
+    state, counters = AdaptiveABCacheState(), AdaptiveABCacheCounters()
+    hook = AdaptiveABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
+    returned = []
+    for step, value in enumerate(outputs):
+        ctx = type("Ctx", (), {"step_index": step, "num_steps": len(outputs), "sigma": None})()
+        returned.append(hook(ctx, lambda v=value: v.clone()))
+    return returned, counters
+
+
+def test_embedded_estimate_skips_where_the_prediction_is_exact():
+    """Linear outputs: order 2 against order 3 ("higher") differ by 0, so every step after the first three is
+    extrapolated (max_skip apart), exactly; with a tiny tolerance a curved trajectory computes every step."""
+    linear = [torch.full((1, 3), 1.0 + 0.5 * s) for s in range(12)]
+    returned, counters = _drive(AdaptiveABCacheConfig(tolerance=1e-6, estimate="higher", max_skip=4), linear)
+    assert counters.computed_steps == [0, 1, 2, 7]  # 2: partner "lower" (linear vs constant) differs; then exact
+    for value, expected in zip(returned, linear):
+        torch.testing.assert_close(value, expected)
+    curved = [torch.full((1, 3), 1.0 + 0.5 * s * s) for s in range(12)]
+    _, counters = _drive(AdaptiveABCacheConfig(tolerance=1e-6, estimate="higher"), curved)
+    assert counters.extrapolated_calls == 0
+
+
+def test_lower_estimate_is_the_change_since_the_last_computed_output():
+    """estimate=lower, order 2: err = |linear - constant| / |linear| = the relative change predicted since the last
+    computed step; a tolerance between two steps' changes separates them."""
+    values = [torch.full((1, 2), 1.0), torch.full((1, 2), 1.1)] + [torch.full((1, 2), 9.0)] * 4
+    _, counters = _drive(AdaptiveABCacheConfig(tolerance=0.1, max_skip=10), values)
+    # step 2: linear 1.2 vs constant 1.1 -> 0.083 <= 0.1: extrapolated; step 3: 1.3 vs 1.1 -> 0.154: computed
+    assert counters.computed_steps[:3] == [0, 1, 3]
