@@ -64,7 +64,7 @@ def assert_refused(response: httpx.Response, param: str | None, says: str = "", 
 @pytest.fixture(scope="module")
 def live():
     models = [{"id": "kontext", "source": "tiny-flux-kontext"}, {"id": "tiny-flux", "source": "tiny-flux"},
-              {"id": "tiny-wan", "source": "tiny-wan"}]
+              {"id": "tiny-wan", "source": "tiny-wan"}, {"id": "flux2", "source": "tiny-flux2"}]
     with LiveServer(models=models, warmup=False, max_input_images=2, max_input_pixels=128 * 128,
                     max_batch_wait_ms=1500, max_steps=8) as server:
         yield server
@@ -158,6 +158,26 @@ def test_concurrent_edits_run_one_per_call(live):
     assert not np.array_equal(first, second)
 
 
+def test_flux2_edits_with_reference_images_and_generates(live, load):
+    """FLUX.2 serves both routes: an edit with two reference images is the library's edit bit for bit (the images
+    reach the pipeline as a list, in order), and a plain generation still works; its own image checks are 400s."""
+    first, second = png(64, 64, seed=10), png(96, 64, seed=11)
+    fields = {"model": "flux2", "seed": 2, "size": "64x64", "num_inference_steps": 2}
+    response = post(live, EDITS, files=form(first, second, **fields))
+    assert response.status_code == 200, response.text
+    images = [Image.open(io.BytesIO(data)) for data in (first, second)]
+    params = GenerationParams.parse(prompt="make it red", images=images, seed=2, height=64, width=64,
+                                    num_inference_steps=2)
+    library = generate(load("tiny-flux2"), params)
+    assert np.array_equal(decoded(response.json()["data"][0]["b64_json"]), to_uint8(library.images[0]))
+    swapped = generate(load("tiny-flux2"), params.model_copy(update={"images": images[::-1]}))
+    assert not np.array_equal(to_uint8(swapped.images[0]), to_uint8(library.images[0]))
+    response = post(live, "/v1/images/generations", json={"prompt": "x", "model": "flux2", "size": "64x64",
+                                                         "num_inference_steps": 2})
+    assert response.status_code == 200, response.text
+    assert_refused(post(live, EDITS, files=form(png(48, 48), **fields)), "image", "Image too small")
+
+
 @pytest.mark.parametrize("files, param, says", [
     (form(), "image", "Field required"),
     ([("image", ("a.txt", b"just text", "image/png")), ("prompt", (None, "x"))], "image", "not a PNG, JPEG or WebP"),
@@ -206,6 +226,7 @@ def test_models_and_openapi_describe_edits(live):
     assert cards["kontext"]["family"] == "flux" and cards["kontext"]["default_size"] == "128x128"
     assert cards["kontext"]["default_steps"] == 8
     assert cards["tiny-wan"]["tasks"] == ["text-to-video"] and cards["tiny-wan"]["max_input_images"] == 0
+    assert cards["flux2"]["tasks"] == ["text-to-image", "image-edit"] and cards["flux2"]["max_input_images"] == 4
     doc = httpx.get(live.url + "/openapi.json").json()
     edit = doc["paths"][EDITS]["post"]
     assert set(edit["requestBody"]["content"]) == {"multipart/form-data"} and "415" in edit["responses"]

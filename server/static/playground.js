@@ -92,7 +92,9 @@ async function loadListings() {
     return reportError(error);
   }
   const select = $("model");
-  select.replaceChildren(...Object.values(state.models).map((m) => new Option(`${m.id} (${m.task})`, m.id)));
+  // the page generates from text: models that only edit or animate an uploaded image are left out
+  const textModels = Object.values(state.models).filter((m) => (m.tasks || [m.task]).some((t) => t.startsWith("text-to-")));
+  select.replaceChildren(...textModels.map((m) => new Option(`${m.id} (${m.task})`, m.id)));
   buildMethods();
   buildPresets();
   modelChanged();
