@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-drop-one", action="store_true", help="skip the drop-one score (one run per block)")
 
     sub.add_parser("models", help="list the built-in models")
-    sub.add_parser("methods", help="list accelerators (with their knobs) and presets")
+    methods = sub.add_parser("methods", help="list accelerators (with their knobs) and presets")
+    methods.add_argument("--matrix", action="store_true", help="print family x method support as a markdown table")
     return parser
 
 
@@ -256,6 +257,11 @@ def cmd_models(args) -> int:
 def cmd_methods(args) -> int:
     from accel.methods import METHODS
     from accel.presets import PRESET_DESCRIPTIONS, PRESETS
+    from accel.spec import support_matrix
+
+    if args.matrix:
+        print(support_matrix(), end="")
+        return 0
 
     for name, method in METHODS.items():
         print(f"{name}: {method.summary}")

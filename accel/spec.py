@@ -14,6 +14,7 @@ from typing import Annotated, Any, Collection, Union
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from accel.adapters import ADAPTERS, PIPELINE_TASKS
 from accel.base import MethodConfig
 from accel.errors import SpecError, validation_errors
 from accel.methods import APPLICATION_ORDER, METHODS
@@ -186,3 +187,17 @@ def method_schemas() -> dict[str, dict[str, Any]]:
                "batch_invariant": method.batch_invariant}
         for name, method in METHODS.items()
     }
+
+
+def support_matrix() -> str:
+    """Family x method as a markdown table, from the adapters and `Method.families` (README's table is this text;
+    `accel methods --matrix` prints it). "yes": the conformance matrix runs the method on the family; "no": refused
+    with the families it supports named."""
+    header = "| family | pipelines (checked) | " + " | ".join(f"`{name}`" for name in METHODS) + " |"
+    rows = [header, "|" + "---|" * (len(METHODS) + 2)]
+    for family, adapter in ADAPTERS.items():
+        pipelines = ", ".join(
+            f"{cls} ({'/'.join(PIPELINE_TASKS.get(cls, (adapter.task,)))})" for cls in adapter.pipeline_classes)
+        cells = ["yes" if m.families is None or family in m.families else "no" for m in METHODS.values()]
+        rows.append(f"| {family} | {pipelines} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -111,6 +111,18 @@ VARIANTS = {
                       {"cond_uncond"}, STEPS),
     "pixart-cfg": ("pixart", _builtin("tiny-pixart"), dict(FLUX_SIZE, **VIDEO_CFG), {"batch"}, STEPS),
     "pixart": ("pixart", _builtin("tiny-pixart"), dict(FLUX_SIZE, guidance_scale=1.0), {"cond"}, STEPS),
+    "flux2-klein-cfg": ("flux2", _builtin("tiny-flux2"), dict(FLUX_SIZE, guidance_scale=3.0), {"cond", "uncond"},
+                        2 * STEPS),
+    "flux2-klein-edit": ("flux2", _builtin("tiny-flux2"), dict(FLUX_SIZE, image=[IMAGE], guidance_scale=1.0),
+                         {"cond"}, STEPS),
+    "qwen-image": ("qwen-image", _builtin("tiny-qwen-image"), dict(FLUX_SIZE), {"cond"}, STEPS),
+    "qwen-image-truecfg": ("qwen-image", _builtin("tiny-qwen-image"), dict(FLUX_SIZE, **TRUE_CFG),
+                           {"cond", "uncond"}, 2 * STEPS),
+    "zimage-cfg": ("zimage", _builtin("tiny-zimage"), dict(FLUX_SIZE, guidance_scale=3.0, negative_prompt="blurry"),
+                   {"batch"}, STEPS),
+    "zimage": ("zimage", _builtin("tiny-zimage"), dict(FLUX_SIZE, guidance_scale=0.0), {"cond"}, STEPS),
+    "hunyuanvideo15-cfg": ("hunyuanvideo15", _builtin("tiny-hunyuanvideo15"), dict(WAN_SIZE, negative_prompt="blurry"),
+                           {"pred_cond", "pred_uncond"}, 2 * STEPS),
 }
 PIPELINE_SKIPS = {"sd3-cfg-slg": 2}  # block forwards the pipeline itself skips per generation (SLG: 1 block x 2 calls)
 FAMILY = {name: variant[0] for name, variant in VARIANTS.items()}
@@ -383,3 +395,55 @@ def test_a_sessions_pipeline_class_keeps_no_session_alive(load):
             classes.add(type(pipe))
     gc.collect()
     assert len(classes) == 1 and not any(isinstance(o, AccelSession) for o in gc.get_objects())
+
+
+def test_readme_support_matrix_is_generated():
+    """README's family x method table is `accel methods --matrix`, not a hand-written copy that can drift."""
+    from pathlib import Path
+
+    from accel.spec import support_matrix
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- support-matrix:start -->\n")[1].split("<!-- support-matrix:end -->")[0]
+    assert block == support_matrix(), "README.md's support matrix is stale: paste `accel methods --matrix`"
+
+
+@pytest.mark.parametrize("spec", ["abcache:warmup=1,interval=2", "sortblock:K=2,beta=0.5,start=1000,end=0"])
+def test_one_expert_targeted(load, spec):
+    """Wan 2.2: `expert=high` accelerates only `transformer` (every block of `transformer_2` runs), `expert=low`
+    only `transformer_2`; both together count both stacks; the first call of the low-noise expert (where the
+    pipeline switches) is always computed in full."""
+    pipe = pipeline(load, "wan22-t2v-builtin")
+    kwargs = dict(VARIANTS["wan22-t2v-builtin"][2], num_inference_steps=16, output_type="np")  # 5 low-noise steps
+    plain = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    computed = {}
+    for expert in ("both", "high", "low"):
+        seen = []
+        start = AccelSession.start
+
+        def start_and_record(session):
+            start(session)
+            session.add_call_hook(lambda ctx, run: seen.append((ctx.transformer, ctx.step_index)) or run())
+
+        AccelSession.start = start_and_record
+        try:
+            with accelerate(pipe, f"{spec},expert={expert}") as report:
+                out = pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        finally:
+            AccelSession.start = start
+        assert np.isfinite(out).all()
+        total, done = report.blocks_total, report.blocks_computed
+        assert set(total) == {"blocks", "transformer_2.blocks"} and all(total.values())
+        computed[expert] = done
+        if expert == "high":
+            assert done["transformer_2.blocks"] == total["transformer_2.blocks"]
+        if expert == "low":
+            assert done["blocks"] == total["blocks"]
+        if expert == "both":
+            assert sum(done.values()) < sum(total.values())
+        switch = min(step for name, step in seen if name == "transformer_2")
+        assert any(name == "transformer" for name, _ in seen) and switch > 0
+    assert computed["both"]["blocks"] == computed["high"]["blocks"]  # state per expert: targeting one changes nothing
+    assert computed["both"]["transformer_2.blocks"] == computed["low"]["transformer_2.blocks"]  # ... of the other
+    with accelerate(pipe, f"{spec},expert=low"):
+        assert not np.array_equal(pipe(prompt="a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames, plain)

@@ -143,3 +143,21 @@ def test_ray_serve_app_serves_an_image_on_cpu(tmp_path):
     result = subprocess.run([sys.executable, "-c", RAY_SMOKE], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     assert "STATUS 200" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+# -- per-family server configs ----------------------------------------------------------------------------------
+def test_every_family_has_a_server_config_that_loads():
+    """deploy/models/<family>.yaml: one per adapter family, each a valid server config (the settings model rejects
+    unknown keys and bad values) naming at least one model with a dtype and a preset that exists."""
+    from accel.adapters import ADAPTERS
+    from accel.presets import PRESETS
+    from server.settings import load_settings
+
+    configs = {path.stem: path for path in (ROOT / "deploy" / "models").glob("*.yaml")}
+    assert set(ADAPTERS) <= set(configs), f"families without deploy/models/<family>.yaml: {set(ADAPTERS) - set(configs)}"
+    for family, path in configs.items():
+        settings = load_settings(path)
+        assert settings.models, path
+        for model in settings.models:
+            assert model.dtype in ("bfloat16", "float16") and model.default_preset in PRESETS, (path, model)
+            assert "/" in model.source and not model.source.startswith("/"), (path, model.source)  # hub ids

@@ -27,6 +27,7 @@ from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK, _MAG_CACHE_LEADER_B
 from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK
 from pydantic import Field
 
+from accel.adapters import ADAPTERS
 from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.errors import SpecError
 from accel.session import AccelSession
@@ -186,11 +187,18 @@ def apply_magcache(session: AccelSession, config: MagCachePeerConfig) -> MethodH
     )
 
 
-# diffusers' FBCache assumes every block returns both streams; SD3's last block (context_pre_only) returns None for
-# the text stream, which FBCache cannot difference, so it is offered on FLUX and Wan only.
+# diffusers' FBCache differences the first block's outputs as its registry describes them. It fails on SD3 (the last
+# block (context_pre_only) returns None for the text stream), FLUX.2 (the single-stream blocks return the joint
+# sequence alone) and the families whose blocks diffusers' registry lacks or misdescribes (Z-Image, HunyuanVideo
+# 1.5); the conformance matrix runs it on every other family.
 FBCACHE = Method(
     "fbcache", FBCacheConfig, apply_fbcache, "diffusers First Block Cache (peer)", exclusive="cache",
-    families=("flux", "wan"), batch_invariant=False,  # skips when the batch's first-block residual changes little
+    families=("flux", "wan", "qwen-image", "pixart", "ltx", "cogvideox"), batch_invariant=False,  # skips when the batch's first-block residual changes little
 )
 TAYLORSEER = Method("taylorseer", TaylorSeerConfig, apply_taylorseer, "diffusers TaylorSeer (peer)", exclusive="cache")
-MAGCACHE = Method("magcache", MagCachePeerConfig, apply_magcache, "diffusers MagCache (peer)", exclusive="cache")
+MAGCACHE = Method(
+    "magcache", MagCachePeerConfig, apply_magcache, "diffusers MagCache (peer)", exclusive="cache",
+    # diffusers' MagCache reads blocks through its TransformerBlockRegistry, which lacks or misdescribes the block
+    # classes the adapters describe themselves (HunyuanVideo 1.5's, Z-Image's)
+    families=tuple(adapter.family for adapter in ADAPTERS.values() if not adapter.block_metadata),
+)

@@ -144,7 +144,8 @@ RANDOM_MODELS = _records(
         default_frames=None,
         default_guidance=3.5,
         builder=build_tiny_flux_kontext,
-        pipeline_kwargs={"max_area": 128 * 128},  # Kontext resizes the input image to this area (default 1024²)
+        # the output's area (default 1024²), and no snapping to Kontext's preferred resolutions (about 1 MP)
+        pipeline_kwargs={"max_area": 128 * 128, "_auto_resize": False},
     ),
     BuiltinModel(
         name="tiny-flux2",
