@@ -52,7 +52,7 @@ class BuiltinModel:
     default_width: int
     default_steps: int
     default_frames: int | None
-    default_guidance: float
+    default_guidance: float | None  # None: the pipeline takes no guidance_scale (HunyuanVideo 1.5: its guider)
     builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
     default_fps: int | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -268,7 +268,7 @@ RANDOM_MODELS = _records(
         default_width=64,
         default_steps=8,
         default_frames=5,
-        default_guidance=6.0,  # the guider's scale (the pipeline's call has no guidance_scale)
+        default_guidance=None,  # the call has no guidance_scale: CFG at the guider's own scale (6.0)
         builder=build_tiny_hunyuanvideo15,
         default_fps=8,
     ),
