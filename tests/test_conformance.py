@@ -1,10 +1,15 @@
 """Conformance matrix: every method × every pipeline variant the adapters accept that builds offline × CFG mode,
 with invariants that must hold on all of them (not one hand-picked path).
 
-Variants: FLUX text-to-image (no CFG, true CFG), FLUX img2img / inpaint / Kontext with true CFG (these set no cache
-context: branches come from call order), SD3 (no CFG, batched CFG, CFG + skip-layer guidance), Wan 2.1 (no CFG,
-CFG), Wan 2.2 with two experts (`transformer_2`). Not built: FLUX Fill/Control (a transformer with other input
-channels) and Wan I2V (an image encoder); their call layout is one of the above.
+Variants, a tiny model of every family the adapters accept: FLUX.1 text-to-image (no CFG, true CFG), img2img /
+inpaint / Kontext with true CFG (no cache context: branches come from call order); FLUX.2 [klein] (CFG, editing with
+a reference image); Qwen-Image (no CFG, true CFG); Z-Image (no CFG, batched CFG with the conditional half first);
+PixArt-Σ (no CFG, batched CFG); SD3 (no CFG, batched CFG, CFG + skip-layer guidance); Wan 2.1 (no CFG, CFG); Wan 2.2
+with two experts (`transformer_2`), text- and image-to-video; HunyuanVideo 1.5 text- and image-to-video (CFG by its
+guider's "pred_cond"/"pred_uncond" calls); LTX-Video text- and image-to-video and CogVideoX (batched CFG under one
+"cond_uncond" context). Not built: FLUX.2 [dev] and Qwen-Image-Edit (their processors need torchvision), FLUX
+Fill/Control (other input channels; the call layout is one of the above). A family is supported exactly when its
+rows pass; a method a family does not support (`Method.families`) must be refused, naming the supported ones.
 
 Invariants, each an assertion:
 - a skip-nothing setting of every method is bit-identical to the plain pipeline;
@@ -123,6 +128,9 @@ VARIANTS = {
     "zimage": ("zimage", _builtin("tiny-zimage"), dict(FLUX_SIZE, guidance_scale=0.0), {"cond"}, STEPS),
     "hunyuanvideo15-cfg": ("hunyuanvideo15", _builtin("tiny-hunyuanvideo15"), dict(WAN_SIZE, negative_prompt="blurry"),
                            {"pred_cond", "pred_uncond"}, 2 * STEPS),
+    "hunyuanvideo15-i2v-cfg": ("hunyuanvideo15", _builder("hunyuanvideo15", "build_tiny_hunyuanvideo15_i2v"),
+                               dict(image=IMAGE, num_frames=5, negative_prompt="blurry"),
+                               {"pred_cond", "pred_uncond"}, 2 * STEPS),
 }
 PIPELINE_SKIPS = {"sd3-cfg-slg": 2}  # block forwards the pipeline itself skips per generation (SLG: 1 block x 2 calls)
 FAMILY = {name: variant[0] for name, variant in VARIANTS.items()}
