@@ -9,6 +9,13 @@ Captions mention one or two shapes::
 drawn by the training data generator (`tools/refmodel/data.py`). Some (color, shape, position) triples
 (``HELDOUT_TRIPLES``) never appear in the training split, so a trained model can be tested on compositions it has
 not seen.
+
+The base grammar (``COLORS``, ``SHAPES``, ``ALL_TRIPLES``, ``parse_caption``) is what the base model was trained on
+and is unchanged. LoRA adapters teach words outside it: ``EXTRA_SHAPES`` (``star``, the built-in ``star`` adapter of
+shapes-flux). ``parse_caption(..., extended=True)`` (which the scorer uses) also accepts them; ``STAR_TRIPLES`` are the
+single-shape captions with the new word, of which ``STAR_HELDOUT_TRIPLES`` never appear in the adapter's training.
+(Only single-shape captions: the T5 tokenizer spells ``star`` in 5 character tokens, so a two-shape caption with it
+is longer than the model's 16 text tokens.)
 """
 
 from __future__ import annotations
@@ -18,8 +25,13 @@ import re
 from typing import Sequence
 
 __all__ = [
+    "ALL_SHAPES",
     "ALL_TRIPLES",
     "COLORS",
+    "EXTRA_SHAPES",
+    "STAR_HELDOUT_TRIPLES",
+    "STAR_TRAIN_TRIPLES",
+    "STAR_TRIPLES",
     "HELDOUT_TRIPLES",
     "POSITIONS",
     "SHAPES",
@@ -63,33 +75,52 @@ HELDOUT_TRIPLES: tuple[Triple, ...] = (
 )
 TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in ALL_TRIPLES if t not in HELDOUT_TRIPLES)
 
-_WORD = {"colors": "|".join(COLORS), "shapes": "|".join(SHAPES), "positions": "|".join(POSITIONS)}
-_PART_RE = rf"a ({_WORD['colors']}) ({_WORD['shapes']}) ({_WORD['positions']})"
-_CAPTION_RE = re.compile(rf"{_PART_RE}(?: and {_PART_RE})?")
+# Words outside the base grammar, taught by LoRA adapters (the base model has never seen them).
+EXTRA_SHAPES: tuple[str, ...] = ("star",)
+ALL_SHAPES: tuple[str, ...] = (*SHAPES, *EXTRA_SHAPES)
+STAR_TRIPLES: tuple[Triple, ...] = tuple(itertools.product(COLORS, ("star",), POSITIONS))
+# 5 of the 20 star triples, one per position, every colour at least once: the adapter never sees them
+STAR_HELDOUT_TRIPLES: tuple[Triple, ...] = (
+    ("red", "star", "at the top"),
+    ("green", "star", "on the left"),
+    ("blue", "star", "at the bottom"),
+    ("yellow", "star", "in the center"),
+    ("green", "star", "on the right"),
+)
+STAR_TRAIN_TRIPLES: tuple[Triple, ...] = tuple(t for t in STAR_TRIPLES if t not in STAR_HELDOUT_TRIPLES)
 
 
-def make_caption(triples: Sequence[Triple]) -> str:
-    """Caption for one or two (color, shape, position) triples."""
+def _caption_re(shapes: Sequence[str]) -> re.Pattern:
+    part = rf"a ({'|'.join(COLORS)}) ({'|'.join(shapes)}) ({'|'.join(POSITIONS)})"
+    return re.compile(rf"{part}(?: and {part})?")
+
+
+_CAPTION_RE = _caption_re(SHAPES)
+_EXTENDED_RE = _caption_re(ALL_SHAPES)
+
+
+def make_caption(triples: Sequence[Triple], *, extended: bool = False) -> str:
+    """Caption for one or two (color, shape, position) triples (``extended``: words of adapters allowed)."""
     if not 1 <= len(triples) <= 2:
         raise ValueError(f"captions mention one or two shapes, got {len(triples)}")
     for t in triples:
-        check_triple(t)
+        check_triple(t, extended=extended)
     return " and ".join(f"a {c} {s} {p}" for c, s, p in triples)
 
 
-def parse_caption(caption: str) -> list[Triple]:
+def parse_caption(caption: str, *, extended: bool = False) -> list[Triple]:
     """Inverse of :func:`make_caption`.
 
     Case, surrounding/duplicate whitespace and one trailing full stop are
     tolerated (prompts typed by hand); anything else outside the grammar
     raises ValueError.  The grammar does not forbid two shapes at the same
     position -- the dataset never produces that, but the scorer can still
-    judge such a prompt.
+    judge such a prompt. ``extended`` also accepts the adapters' words (``EXTRA_SHAPES``).
     """
     if not isinstance(caption, str):
         raise ValueError(f"caption must be a string, got {type(caption).__name__}")
     text = " ".join(caption.lower().split()).removesuffix(".").rstrip()
-    m = _CAPTION_RE.fullmatch(text)
+    m = (_EXTENDED_RE if extended else _CAPTION_RE).fullmatch(text)
     if m is None:
         raise ValueError(f"caption outside the shapes grammar: {caption!r}")
     g = m.groups()
@@ -99,8 +130,8 @@ def parse_caption(caption: str) -> list[Triple]:
     return parts  # type: ignore[return-value]
 
 
-def check_triple(t: Triple) -> None:
-    """ValueError unless `t` is a (color, shape, position) of the grammar."""
+def check_triple(t: Triple, *, extended: bool = False) -> None:
+    """ValueError unless `t` is a (color, shape, position) of the grammar (``extended``: adapters' words too)."""
     c, s, p = t
-    if c not in COLORS or s not in SHAPES or p not in POSITIONS:
+    if c not in COLORS or s not in (ALL_SHAPES if extended else SHAPES) or p not in POSITIONS:
         raise ValueError(f"unknown (color, shape, position): {t!r}")

@@ -20,7 +20,9 @@ to check exactly with classical image analysis:
 4. Shape: from the fill ratio of the bounding box (square ~1, circle ~pi/4,
    triangle ~1/2), the top/bottom area balance (an upward triangle has 1/4 of
    its area in the top half) and how full the box's corners are (square
-   ~1, circle ~0.3), see :func:`classify_shape`.
+   ~1, circle ~0.3), see :func:`classify_shape`.  A star (the word the
+   ``star`` LoRA adapter teaches) is sparse and balanced: low fill, corners
+   nearly empty, about half its area on top.
 5. Caption parts are matched to blobs by the assignment that agrees most
    (colour first, then position, then shape), so two shapes of the same
    colour are told apart by position.  A separate "count" check requires the
@@ -37,7 +39,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from accel.eval.shapes_captions import COLORS, parse_caption
+from accel.eval.shapes_captions import COLORS, parse_caption  # captions of the extended grammar (adapters' words)
 
 __all__ = [
     "Blob",
@@ -70,6 +72,7 @@ _PALETTE_CHROMA = _PALETTE.max(-1) - _PALETTE.min(-1)
 ALPHA_THRESHOLD = 0.5  # coverage above which a pixel belongs to a shape
 MIN_AREA_FRAC = 0.008  # blobs smaller than this fraction of the image are specks
 CENTER_TOL = 0.14  # |offset from image centre| below this on both axes -> "in the center"
+STAR_MAX_CORNERS = 0.22  # a sparse blob with emptier corners than this is a star
 
 
 @dataclass
@@ -181,7 +184,12 @@ def classify_shape(fill: float, top_share: float, corners: float) -> str:
     square        1.00   0.50       1.00
     circle        0.79   0.50       0.31
     triangle (^)  0.50   0.25       0.38 (0 top, 0.75 bottom)
+    star          0.41   0.46       0.09
     ============  =====  =========  =======
+
+    Star first: sparse (fill below 0.6, where circles and squares never go), corners nearly empty (a triangle's
+    bottom corners are 3/4 full, so its mean stays near 0.38) and balanced top/bottom (a triangle's top share is
+    0.25 or 0.75).
 
     Triangle vs the rest: ``tri`` is how far the blob moves from a circle
     towards a triangle, in fill and in top/bottom balance (0 for a circle, 2
@@ -191,6 +199,8 @@ def classify_shape(fill: float, top_share: float, corners: float) -> str:
     corners and pulls its fill towards a circle's, but its corner cells stay
     mostly full (mildly blurred squares >= ~0.7, small circles at 64 px <= ~0.53).
     """
+    if fill < 0.6 and corners < STAR_MAX_CORNERS and abs(top_share - 0.5) < 0.15:
+        return "star"
     tri = (0.785 - fill) / 0.285 + abs(top_share - 0.5) / 0.25
     if tri > 0.66:
         return "triangle"
@@ -290,7 +300,8 @@ def _match(parts: Sequence[tuple[str, str, str]], blobs: Sequence[Blob]) -> list
 
 
 def score(image: Image.Image | np.ndarray, caption: str, *, min_area_frac: float = MIN_AREA_FRAC) -> AdherenceResult:
-    """Check ``image`` against ``caption`` (a shapes-grammar caption; ValueError otherwise).
+    """Check ``image`` against ``caption`` (a shapes-grammar caption, adapters' words included; ValueError
+    otherwise).
 
     ``image``: PIL image or HxWx3 array (uint8, or float in [0, 1]), any size
     >= 64 px (smaller works for large shapes only).
@@ -300,7 +311,7 @@ def score(image: Image.Image | np.ndarray, caption: str, *, min_area_frac: float
 
 def score_blobs(blobs: Sequence[Blob], caption: str) -> AdherenceResult:
     """:func:`score` on blobs already detected (to test many captions on one image)."""
-    parts = parse_caption(caption)
+    parts = parse_caption(caption, extended=True)
     # Extra blobs beyond a few cannot match anything but make matching slow.
     matched = _match(parts, blobs[:6])
     results = []

@@ -12,12 +12,18 @@ radius ``r``, a square of side ``2r``, or an upward triangle with base ``2r``
 and height ``2r``.
 
 Training scenes use ``TRAIN_TRIPLES`` only; ``heldout_scenes`` build evaluation scenes on ``HELDOUT_TRIPLES``.
+
+The ``star`` adapter's data (``tools/refmodel/train_lora.py``): ``ShapesDataset("star")`` draws single-shape scenes
+of ``STAR_TRAIN_TRIPLES`` (a five-pointed star filling the same square box as the other shapes), and
+``star_scenes("heldout")`` the ``STAR_HELDOUT_TRIPLES``. The base splits are unchanged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
+
+import math
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +32,8 @@ from accel.eval.shapes_captions import (
     ALL_TRIPLES,
     COLORS,
     HELDOUT_TRIPLES,
+    STAR_HELDOUT_TRIPLES,
+    STAR_TRAIN_TRIPLES,
     TRAIN_TRIPLES,
     Triple,
     check_triple,
@@ -43,6 +51,9 @@ __all__ = [
     "scene_from_triples",
     "heldout_scenes",
     "heldout_captions",
+    "star_points",
+    "star_scenes",
+    "star_captions",
     "ShapesDataset",
 ]
 
@@ -60,6 +71,7 @@ POSITION_REGIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "at the bottom": ((0.38, 0.62), (0.70, 1.0)),
     "in the center": ((0.42, 0.58), (0.42, 0.58)),
 }
+STAR_INNER = 0.45  # inner / outer radius of the star (a regular pentagram has 0.38: chunkier survives blur)
 RADIUS_RANGE = (0.12, 0.22)  # half bounding-box side, fraction of the image side
 _MARGIN = 0.02  # min distance of a shape's box from the canvas edge
 _GAP = 0.06  # min gap between the boxes of two shapes (keeps blobs separate)
@@ -98,7 +110,7 @@ class Scene:
 
     @property
     def caption(self) -> str:
-        return make_caption([s.triple for s in self.shapes])
+        return make_caption([s.triple for s in self.shapes], extended=True)
 
     @property
     def triples(self) -> list[Triple]:
@@ -129,9 +141,26 @@ def render(scene: Scene, size: int = 128) -> Image.Image:
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         elif s.shape == "triangle":
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        elif s.shape == "star":
+            draw.polygon(star_points((x0, y0, x1, y1)), fill=fill)
         else:
             raise ValueError(f"unknown shape {s.shape!r}")
     return img.reduce(_SUPERSAMPLE)
+
+
+def star_points(box: tuple[float, float, float, float]) -> list[tuple[float, float]]:
+    """The 10 vertices of an upward five-pointed star whose bounding box is ``box``'s width, centred in ``box``
+    (it is 0.95 of the box high: a star is wider than high)."""
+    x0, y0, x1, y1 = box
+    outer = (x1 - x0) / 2 / math.cos(math.radians(18))  # the side points touch the box's sides
+    cx = (x0 + x1) / 2
+    cy = (y0 + y1) / 2 + outer * (1 - math.cos(math.radians(36))) / 2  # the star's own box centred on box's
+    points = []
+    for k in range(10):
+        radius = outer if k % 2 == 0 else outer * STAR_INNER
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
 
 
 # ----------------------------------------------------------------- sampling
@@ -166,7 +195,7 @@ def scene_from_triples(rng: np.random.Generator, triples: Sequence[Triple]) -> S
     if not 1 <= len(triples) <= 2:
         raise ValueError("a scene has one or two shapes")
     for t in triples:
-        check_triple(t)
+        check_triple(t, extended=True)
     positions = [t[2] for t in triples]
     if len(set(positions)) != len(positions):
         raise ValueError(f"shapes must be at different positions: {triples!r}")
@@ -236,9 +265,29 @@ def heldout_captions(kind: str = "single", n: int = len(HELDOUT_TRIPLES), seed: 
     return [s.caption for s in heldout_scenes(kind, n, seed)]
 
 
+def star_scenes(kind: str = "heldout", n: int = len(STAR_HELDOUT_TRIPLES), seed: int = 0) -> list[Scene]:
+    """Single-star scenes for the ``star`` adapter: ``kind="heldout"`` cycles ``STAR_HELDOUT_TRIPLES`` (never in
+    the adapter's training), ``kind="train"`` ``STAR_TRAIN_TRIPLES``, each in a shuffled order."""
+    triples = {"heldout": STAR_HELDOUT_TRIPLES, "train": STAR_TRAIN_TRIPLES}.get(kind)
+    if triples is None:
+        raise ValueError("kind must be 'heldout' or 'train'")
+    rng = np.random.default_rng([seed, 7, 3 if kind == "heldout" else 4])
+    scenes, order = [], []
+    for _ in range(n):
+        if not order:
+            order = list(rng.permutation(len(triples)))
+        scenes.append(scene_from_triples(rng, [triples[order.pop()]]))
+    return scenes
+
+
+def star_captions(kind: str = "heldout", n: int = len(STAR_HELDOUT_TRIPLES), seed: int = 0) -> list[str]:
+    """Captions of :func:`star_scenes`."""
+    return [s.caption for s in star_scenes(kind, n, seed)]
+
+
 # ------------------------------------------------------------------ dataset
 
-_SPLIT_CODES = {"train": 0, "heldout": 1}
+_SPLIT_CODES = {"train": 0, "heldout": 1, "star": 2}
 
 
 class ShapesDataset:
@@ -250,7 +299,8 @@ class ShapesDataset:
 
     ``split="train"``: every shape is a ``TRAIN_TRIPLES`` triple.
     ``split="heldout"``: at least one shape is a ``HELDOUT_TRIPLES`` triple (for
-    evaluation only).  ``length`` is nominal (defaults 100_000 / 2_000): any
+    evaluation only). ``split="star"``: one star of ``STAR_TRAIN_TRIPLES`` (the
+    ``star`` adapter's new data; ``two_shape_fraction`` does not apply).  ``length`` is nominal (defaults 100_000 / 2_000): any
     index >= 0 produces a valid sample, so larger datasets are just a bigger
     ``length``.
     """
@@ -283,6 +333,8 @@ class ShapesDataset:
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, _SPLIT_CODES[self.split], index])
+        if self.split == "star":
+            return sample_scene(rng, num_shapes=1, allowed=STAR_TRAIN_TRIPLES)
         num_shapes = 2 if rng.random() < self.two_shape_fraction else 1
         if self.split == "train":
             return sample_scene(rng, num_shapes=num_shapes, allowed=TRAIN_TRIPLES)
