@@ -151,6 +151,28 @@ def frames_for_duration(pipe: Any, seconds: float, fps: int) -> int:
     return max(1, round(seconds * fps / temporal)) * temporal + (1 if temporal > 1 else 0)
 
 
+@contextlib.contextmanager
+def _after_scheduler_steps(pipe: Any, on_step_end: Callable) -> Iterator[None]:
+    """For pipelines without `callback_on_step_end`: call `on_step_end` after each `pipe.scheduler.step` of the
+    call (its new latents as "latents"), through an instance attribute removed on exit."""
+    scheduler = pipe.scheduler
+    original = scheduler.step
+    count = [0]
+
+    def step(*args, **kwargs):
+        output = original(*args, **kwargs)
+        latents = output[0] if isinstance(output, tuple) else output.prev_sample
+        on_step_end(pipe, count[0], None, {"latents": latents})
+        count[0] += 1
+        return output
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        scheduler.__dict__.pop("step", None)
+
+
 @lru_cache(maxsize=None)
 def _call_parameters(pipeline_class: type) -> frozenset[str]:
     return frozenset(inspect.signature(pipeline_class.__call__).parameters)
@@ -369,14 +391,19 @@ def generate_batch(
             pipeline._interrupt = True
         return callback_kwargs
 
-    kwargs["callback_on_step_end"] = on_step_end
-    kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    step_hook: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if "callback_on_step_end" in _call_parameters(type(pipe)):
+        kwargs["callback_on_step_end"] = on_step_end
+        kwargs["callback_on_step_end_tensor_inputs"] = ["latents"]
+    else:  # HunyuanVideo 1.5 takes no step callback: the scheduler's step marks the end of a step
+        step_hook = _after_scheduler_steps(pipe, on_step_end)
     kwargs["output_type"] = "np"
     start = time.perf_counter()
     pipe._interrupt = False
     try:
         seeds = [request.seed + i for request in batch for i in range(request.num_outputs)]  # one per output
-        with torch.inference_mode(), accelerate(pipe, spec, seed=seeds) as report, _no_decode_after_interrupt(pipe):
+        with torch.inference_mode(), accelerate(pipe, spec, seed=seeds) as report, _no_decode_after_interrupt(pipe), \
+                step_hook:
             output = pipe(**kwargs)
     except _Interrupted:
         output = None

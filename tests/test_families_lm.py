@@ -178,3 +178,19 @@ def test_registry_defaults_generate(name):
     size = (record.default_height, record.default_width, 3)
     assert frames.shape == ((1, record.default_frames, *size) if record.default_frames else (1, *size))
     assert np.isfinite(frames).all()
+
+
+def test_hunyuanvideo15_serves_progress_and_cancel_without_a_step_callback():
+    """HunyuanVideo 1.5's call takes no `callback_on_step_end`: the generate path (server jobs, progress, cancel)
+    must neither pass one (a TypeError on every request) nor lose progress: steps come from the scheduler."""
+    import accel
+    from accel.generate import GenerationParams, generate_batch
+
+    pipe = accel.load_pipeline("tiny-hunyuanvideo15")
+    request = GenerationParams.parse(prompt="a cat", num_inference_steps=3, height=32, width=32, num_frames=5)
+    steps = []
+    result = generate_batch(pipe, [request], "abcache:warmup=1,interval=2", on_step=lambda i, n: steps.append((i, n)))[0]
+    assert steps == [(1, 3), (2, 3), (3, 3)] and result.videos.shape == (1, 5, 32, 32, 3)
+    assert result.latents is not None and result.report["block_fraction_computed"] < 1
+    cancelled = generate_batch(pipe, [request], None, on_step=lambda i, n: i < 2)[0]
+    assert cancelled.interrupted and "step" not in pipe.scheduler.__dict__

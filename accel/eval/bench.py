@@ -73,9 +73,12 @@ def run_bench(
     adherence: Callable[[np.ndarray, str], float] | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark `specs` against the baseline; return the report dict (also written to `out_dir`)."""
+    """Benchmark `specs` against the baseline; return the report dict (also written to `out_dir`). `inputs`: request
+    fields that are not JSON (input images), given to every run and left out of the report."""
     params = dict(params or {})
+    inputs = dict(inputs or {})
     labels = [_label(s) for s in specs]
     if len(set(labels)) != len(labels):
         raise SpecError("bench: the same spec is given twice: " + ", ".join(sorted({l for l in labels if labels.count(l) > 1})))
@@ -85,7 +88,7 @@ def run_bench(
     spec_of = {BASELINE: None, **dict(zip(labels, specs))}
 
     def run(label: str, case: BenchCase) -> GenerationResult:
-        request = GenerationParams.parse(prompt=case.prompt, seed=case.seed, **params)
+        request = GenerationParams.parse(prompt=case.prompt, seed=case.seed, **params, **inputs)
         return generate(pipe, request, spec_of[label])
 
     if warmup and cases:  # first calls pay one-time costs (allocations, compilation) for everyone
