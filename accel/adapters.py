@@ -173,7 +173,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter(
             family="flux2",
             transformer_class="Flux2Transformer2DModel",
-            pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
+            pipeline_classes=("Flux2KleinPipeline",),  # Flux2Pipeline ([dev]): its processor needs torchvision here
             stacks=("transformer_blocks", "single_transformer_blocks"),
             cfg_layout="separate",  # Klein: "cond" then "uncond"; FLUX.2 [dev] embeds guidance (no combine)
             task="text-to-image",
@@ -184,7 +184,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ModelAdapter(
             family="qwen-image",
             transformer_class="QwenImageTransformer2DModel",
-            pipeline_classes=("QwenImagePipeline", "QwenImageEditPlusPipeline"),
+            pipeline_classes=("QwenImagePipeline",),  # the Edit pipelines' processor needs torchvision here
             stacks=("transformer_blocks",),
             cfg_layout="separate",
             task="text-to-image",
