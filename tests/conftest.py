@@ -24,3 +24,15 @@ def load():
         return cache[name]
 
     return _load
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all overhead; one thread is as fast, and immune to OpenMP spin-waits when a core is busy
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

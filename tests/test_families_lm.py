@@ -40,13 +40,7 @@ CASES = {
 NAMES = [pytest.param(name, marks=needs_torchvision) if name == "qwen-image-edit" else name for name in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead; one thread is as fast, and immune to OpenMP spin-waits when a core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

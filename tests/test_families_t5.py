@@ -40,13 +40,7 @@ TWO_EXPERTS = ("tiny-wan22", "tiny-wan22-i2v")
 IMAGE_TO_VIDEO = ("tiny-wan22-i2v", "tiny-ltx-i2v")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead; one thread is as fast, and immune to OpenMP spin-waits when a core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ TINY = ("tiny-flux", "tiny-wan", "tiny-sd3")
 SMALL = {name: {**settings, "num_inference_steps": 2} for name, settings in HELPER_SMALL.items()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are all overhead; one thread is as fast, and immune to OpenMP spin-waits when a core is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run on one thread
 
 
 @pytest.fixture(scope="module")
