@@ -279,12 +279,22 @@ PIPELINE_TASKS: dict[str, tuple[str, ...]] = {
 PIPELINE_MAX_IMAGES: dict[str, int] = {"QwenImageEditPlusPipeline": 3, "Flux2Pipeline": 4, "Flux2KleinPipeline": 4}
 
 
+def _by_pipeline_class(pipe: Any, table: dict[str, Any]) -> Any:
+    """`table`'s entry for the pipeline's class (wrapped pipeline classes are subclasses of the diffusers class)."""
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in table:
+            return table[cls.__name__]
+    return None
+
+
 def pipeline_tasks(pipe: Any) -> tuple[str, ...]:
     """The tasks a pipeline can serve: its class's (`PIPELINE_TASKS`), else its family's."""
-    for cls in type(pipe).__mro__:  # wrapped pipeline classes are subclasses of the diffusers class
-        if cls.__name__ in PIPELINE_TASKS:
-            return PIPELINE_TASKS[cls.__name__]
-    return (adapter_for(pipe).task,)
+    return _by_pipeline_class(pipe, PIPELINE_TASKS) or (adapter_for(pipe).task,)
+
+
+def pipeline_max_images(pipe: Any) -> int:
+    """How many input images one call of the pipeline takes (`PIPELINE_MAX_IMAGES`, else 1)."""
+    return _by_pipeline_class(pipe, PIPELINE_MAX_IMAGES) or 1
 
 
 # block classes whose metadata the adapters give (missing from diffusers' registry, or wrong there)
