@@ -66,8 +66,8 @@ def main() -> None:
         specs, refused = default_specs(pipe)
         runnable = []
         for spec in specs:
-            try:  # a one-step call: some defaults are refused only when the call starts (MagCache's ratios)
-                generate(pipe, GenerationParams.parse(prompt=PROMPTS[0], num_inference_steps=1, **params, **inputs),
+            try:  # a short call: some defaults are refused only when the call starts (MagCache's ratios)
+                generate(pipe, GenerationParams.parse(prompt=PROMPTS[0], num_inference_steps=2, **params, **inputs),
                          parse_spec(spec))
                 runnable.append(spec)
             except AccelError as exc:
