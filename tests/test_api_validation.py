@@ -120,15 +120,16 @@ def test_only_allowed_methods_and_knob_ranges(live):
     for spec, named in cases:
         assert_refused(post(live, IMAGES, json={"prompt": "x", "acceleration": spec, **TINY}), "acceleration",
                        says=named)
-    # the preset "quality" uses sortblock: refused the same way, through `quality` too
+    # the preset "quality" uses abcache_adaptive, which is not allowed here: refused the same way, through
+    # `quality` too
     for body in ({"acceleration": "quality"}, {"quality": "high"}):
         assert_refused(post(live, IMAGES, json={"prompt": "x", **body, **TINY}), "acceleration",
-                       says="acceleration.sortblock")
+                       says="acceleration.abcache_adaptive")
     assert post(live, IMAGES, json={"prompt": "x", "acceleration": "abcache", **TINY}).status_code == 200
     listing = httpx.get(live.url + "/v1/accelerators").json()
     assert set(listing["methods"]) == {"abcache", "sparse_attention", "prune"}
     assert listing["methods"]["sparse_attention"]["limits"] == {"sparsity": [0.5, 0.9]}
-    assert "quality" not in listing["presets"] and "fast" in listing["presets"]
+    assert "quality" not in listing["presets"] and "fast" not in listing["presets"] and "off" in listing["presets"]
     assert "high" not in listing["quality_to_preset"]
 
 
