@@ -139,6 +139,7 @@ FAMILY = {name: variant[0] for name, variant in VARIANTS.items()}
 METHODS = {
     "sortblock": ("sortblock:K=1", "sortblock:K=2,beta=0.5,schedule=constant,start=1000,end=0"),
     "abcache": ("abcache:interval=1", "abcache:warmup=1,interval=2"),
+    "abcache_adaptive": ("abcache_adaptive:tolerance=0", "abcache_adaptive:tolerance=10"),
     "fbcache": ("fbcache:threshold=0", "fbcache:threshold=1.0"),
     "taylorseer": ("taylorseer:disable_cache_before_step=1000", "taylorseer:cache_interval=2,disable_cache_before_step=1"),
     "magcache": ("magcache:calibrate=true", "magcache:mag_ratios=[1.0],threshold=1.0,retention_ratio=0"),
