@@ -111,6 +111,8 @@ class AccelReport:
     blocks_computed: dict[str, int] = field(default_factory=dict)  # block forwards actually executed, per stack
     details: dict[str, Counters] = field(default_factory=dict)  # each method's own counters
     calls: list["AccelReport"] = field(default_factory=list)  # per pipeline call (totals only)
+    target: dict[str, Any] | None = None  # a fidelity target's resolution (`accel.calibration.target`)
+    estimate: dict[str, Any] | None = None  # the fidelity estimate of the call (`accel.calibration.estimate`)
 
     @property
     def extra_forwards(self) -> int:
@@ -134,6 +136,9 @@ class AccelReport:
                 self.details[name].add(counters)
             else:
                 self.details[name] = copy.deepcopy(counters)
+        if call.estimate is not None:  # the block's estimate: its least faithful call's
+            if self.estimate is None or (call.estimate.get("psnr") or 100) < (self.estimate.get("psnr") or 100):
+                self.estimate = call.estimate
         self.calls.append(call)
 
     def as_dict(self) -> dict[str, Any]:
@@ -153,6 +158,10 @@ class AccelReport:
             "extra_forwards": self.extra_forwards,
             "details": {name: asdict(counters) for name, counters in self.details.items()},
         }
+        if self.target is not None:
+            data["target"] = self.target
+        if self.estimate is not None:
+            data["estimate"] = self.estimate
         if len(self.calls) > 1:
             data["pipeline_calls"] = len(self.calls)
             data["per_call"] = [call.as_dict() for call in self.calls]
@@ -332,8 +341,13 @@ class AccelSession:
     `methods` are (registry entry, validated config) pairs in application order; the session never looks methods up
     itself (`accel.apply` resolves the spec)."""
 
-    def __init__(self, pipe: Any, methods: list[tuple[Method, MethodConfig]], seed: int | list[int] | None = None):
+    def __init__(self, pipe: Any, methods: list[tuple[Method, MethodConfig]], seed: int | list[int] | None = None,
+                 observers: list[Callable[["AccelSession"], Any]] | None = None):
         self.pipe = pipe
+        # made at each call's start after the methods (so their call hooks are outermost); each has `finish(report)`
+        self.observers = list(observers or [])
+        self._live_observers: list[Any] = []
+        self.tolerance_scale = 1.0  # per call: adaptive methods multiply their tolerance by it (a guard lowers it)
         self.seed = seed  # the request's seed, or one per output, for methods that draw random numbers
         self.adapter: ModelAdapter = adapter_for(pipe)
         self.methods = methods
@@ -475,7 +489,8 @@ class AccelSession:
         self.in_pipeline_call = call_kwargs is not None
         self.call_kwargs = call_kwargs
         self.report = AccelReport(methods=list(self.total.methods), blocks_total=dict.fromkeys(self.stacks, 0),
-                                  blocks_computed=dict.fromkeys(self.stacks, 0))
+                                  blocks_computed=dict.fromkeys(self.stacks, 0), target=self.total.target)
+        self.tolerance_scale = 1.0
         self.plan, self.tracker, self.started = None, StepTracker(self), False
 
     def start(self) -> None:
@@ -489,6 +504,7 @@ class AccelSession:
                 handle = method.apply(self.scoped(config), config)
                 self._call_undo.append(handle.remove)
                 self.report.details[method.name] = handle.counters
+        self._live_observers = [make(self) for make in self.observers]
         for transformer in self.transformers.values():
             HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
@@ -496,6 +512,9 @@ class AccelSession:
         """The call returned: remove its hooks and state, add its report to the totals."""
         if self.report is None:
             return
+        for observer in self._live_observers:
+            observer.finish(self.report)
+        self._live_observers = []
         while self._call_undo:
             self._call_undo.pop()()
         self.call_hooks.clear()

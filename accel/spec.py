@@ -4,6 +4,10 @@ A spec may be given as: None or [] (no acceleration); a `MethodConfig`; a dict w
 string (object or list); a shorthand `method:key=value,key=value` (values are JSON where they parse, e.g.
 `sortblock:K=4,beta=0.2`, `x:layers=[0,1]`); a preset name (`accel.presets`); or a list of any of these
 (composition; in one string, items are joined with `;`). The result is a list of validated configs in application order (`accel.methods`).
+
+A fidelity target (`{"target": {"psnr": 35}}`, `{"target": {"speedup": 2.5}}` or `target:psnr=35`) parses to an
+empty `AccelSpec` carrying `target`; it needs the model's calibrated profile, so it is resolved where the pipeline
+is known (`accel.calibration.target.resolve_target`, called by `accelerate` and `generate_batch`).
 """
 
 from __future__ import annotations
@@ -36,11 +40,21 @@ class AccelSpec(list):
     """A validated spec: configs in application order, each method at most once, no conflicting methods.
 
     What `parse_spec` returns and what `accelerate` and `generate_batch` take without parsing again. `key` is its
-    canonical form (equal for equal specs however they were written), used to batch requests together."""
+    canonical form (equal for equal specs however they were written), used to batch requests together.
+
+    `target`: an unresolved fidelity target (the spec has no configs yet); `target_info`: how a resolved target
+    chose these configs (for the report); `guard_psnr`: the PSNR the fidelity guard holds the call to."""
+
+    target: Any = None
+    target_info: dict[str, Any] | None = None
+    guard_psnr: float | None = None
 
     @property
     def key(self) -> str:
-        return ";".join(config.shorthand() for config in self) or "off"
+        if self.target is not None:
+            return self.target.shorthand()
+        key = ";".join(config.shorthand() for config in self) or "off"
+        return key + (f";guard={self.guard_psnr:g}" if self.guard_psnr is not None else "")
 
     def to_json(self) -> list[dict[str, Any]]:
         return [config.model_dump(mode="json") for config in self]
@@ -147,6 +161,29 @@ def _expand(spec: Any) -> list[Any]:
     return [spec]
 
 
+def _target_of(item: Any) -> Any:
+    """The `Target` of a target item (`{"target": {...}}`, `{"method": "target", ...}`, `target:psnr=35`), else None."""
+    from accel.calibration.target import Target
+
+    if isinstance(item, str) and item.strip().startswith("target:"):
+        item = parse_shorthand(item.strip())
+    if isinstance(item, dict) and "method" not in item and "target" in item:
+        if len(item) != 1:
+            raise SpecError('target: give the target alone, e.g. {"target": {"psnr": 35}}', field="target")
+        values = item["target"]
+    elif isinstance(item, dict) and item.get("method") == "target":
+        values = {k: v for k, v in item.items() if k != "method"}
+    else:
+        return None
+    if not isinstance(values, dict):
+        raise SpecError('target: must be an object, e.g. {"psnr": 35} or {"speedup": 2.5}', field="target")
+    try:
+        return Target.model_validate(values)
+    except ValidationError as exc:
+        message, field = validation_errors(exc.errors(), prefix="target")
+        raise SpecError(message, field=field) from None
+
+
 def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
     """Validate a spec (any accepted form) into configs in application order; errors name the field.
 
@@ -155,10 +192,19 @@ def parse_spec(spec: Any, *, plans: Collection[str] | None = None) -> AccelSpec:
 
     Conflicts are checked here, once, from what each `Method` declares: at most one method of an `exclusive`
     group, and none of the methods a method `conflicts` with."""
-    if isinstance(spec, AccelSpec) and plans is None:
+    if isinstance(spec, AccelSpec) and (plans is None or spec.target is not None):
         return spec
     context = {"plans": frozenset(plans)} if plans is not None else None
-    configs = [validate_one(item, context) for item in _expand(spec)]
+    items = _expand(spec)
+    targets = [target for target in map(_target_of, items) if target is not None]
+    if targets:
+        if len(items) > 1:
+            raise SpecError("target: cannot be combined with methods or another target (the target chooses the "
+                            "methods from the model's calibrated profile)", field="target")
+        result = AccelSpec()
+        result.target = targets[0]
+        return result
+    configs = [validate_one(item, context) for item in items]
     names = [config.method for config in configs]
     groups: dict[str, str] = {}
     for name in names:

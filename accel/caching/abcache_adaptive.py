@@ -107,8 +107,10 @@ def relative_error(prediction: torch.Tensor, partner: torch.Tensor) -> float:
 class AdaptiveABCacheCallHook:
     """Call hook: extrapolates when the embedded error estimate allows it, runs the denoiser otherwise."""
 
-    def __init__(self, config: AdaptiveABCacheConfig, state: StateManager, counters: AdaptiveABCacheCounters):
+    def __init__(self, config: AdaptiveABCacheConfig, state: StateManager, counters: AdaptiveABCacheCounters,
+                 scale=lambda: 1.0):
         self.config, self.state, self.counters = config, state, counters
+        self.scale = scale  # the session's per-call tolerance_scale (a fidelity guard lowers it; 1.0 otherwise)
 
     def _time(self, ctx: StepContext) -> float:
         if self.config.spacing == "sigmas" and ctx.sigma is not None:
@@ -145,14 +147,15 @@ class AdaptiveABCacheCallHook:
         t = self._time(ctx)
         prediction = extrapolate(history.times[-k:], history.values[-k:], t)
         check = extrapolate(history.times[-partner:], history.values[-partner:], t)
-        if relative_error(prediction, check) > self.config.tolerance:
+        if relative_error(prediction, check) > self.config.tolerance * self.scale():
             return None
         return prediction.to(history.dtype)
 
 
 def apply_abcache_adaptive(session: AccelSession, config: AdaptiveABCacheConfig) -> MethodHandle:
     counters = AdaptiveABCacheCounters()
-    session.add_call_hook(AdaptiveABCacheCallHook(config, session.branch_state(AdaptiveABCacheState), counters))
+    session.add_call_hook(AdaptiveABCacheCallHook(config, session.branch_state(AdaptiveABCacheState), counters,
+                                                  lambda: getattr(session, "tolerance_scale", 1.0)))
     return MethodHandle(counters)
 
 
