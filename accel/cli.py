@@ -10,6 +10,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   accel generate --prompt "a red circle on the left" --out red.png          # shapes-flux, the default model
   accel generate --prompt "a blue square at the top" --accel fast --out fast.png
+  accel generate --prompt "a red star on the left" --lora star=1.0 --out star.png   # shapes-flux's LoRA adapter
   accel generate --model tiny-wan --prompt "a ball" --frames 5 --out ball.mp4
   accel generate --model tiny-flux-kontext --image in.png --prompt "make it blue" --out edited.png
   accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
@@ -28,6 +29,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--compile", action="store_true", help="compile each transformer block (torch.compile)")
     parser.add_argument("--attention-backend", default=None, help="diffusers attention backend (default: native SDPA)")
+    parser.add_argument("--load-lora", action="append", default=[], metavar="NAME=PATH",
+                        help="load a LoRA adapter (diffusers/PEFT file or directory) under NAME; repeatable")
 
 
 def _add_prune_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +47,9 @@ def _add_generation_args(parser: argparse.ArgumentParser, *, prompt_required: bo
     parser.add_argument("--frames", type=int, default=None, help="video frames (video models only)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     parser.add_argument("--true-cfg", type=float, default=None, help="FLUX only: real CFG scale with --negative-prompt")
+    parser.add_argument("--lora", action="append", default=[], metavar="NAME[=SCALE]",
+                        help="activate a LoRA adapter of the model (see `accel models`) at SCALE in [-2, 2] "
+                             "(default 1); repeatable")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +117,27 @@ def _load(args):
 
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          attention_backend=args.attention_backend, progress=True,
-                         prune_plan=getattr(args, "prune_plan", None), prune_ratio=getattr(args, "prune_ratio", 0.0))
+                         prune_plan=getattr(args, "prune_plan", None), prune_ratio=getattr(args, "prune_ratio", 0.0),
+                         loras=_pairs(args.load_lora, "--load-lora", str) or None)
+
+
+def _pairs(items: list[str], option: str, convert, default=None) -> dict:
+    """NAME=VALUE items as {name: value}; a bare NAME takes `default` when there is one."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not name or (not sep and default is None) or name in out:
+            raise SystemExit(f"error: {option} {item!r}: expected NAME=VALUE, each NAME once")
+        try:
+            out[name] = convert(value) if sep else default
+        except ValueError:
+            raise SystemExit(f"error: {option} {item!r}: {value!r} is not a number") from None
+    return out
+
+
+def _lora(args) -> list[dict] | None:
+    pairs = _pairs(getattr(args, "lora", []), "--lora", float, default=1.0)
+    return [{"name": name, "scale": scale} for name, scale in pairs.items()] or None
 
 
 def _params(args, **extra) -> dict:
@@ -123,6 +149,7 @@ def _params(args, **extra) -> dict:
         "num_frames": args.frames,
         "guidance_scale": args.guidance,
         "true_cfg_scale": args.true_cfg,
+        "lora": _lora(args),
         **extra,
     }
 
@@ -250,7 +277,8 @@ def cmd_models(args) -> int:
     from accel.loading import builtin_models
 
     for name, model in builtin_models().items():
-        print(f"{name:14s} {model.task:14s} {model.description}")
+        loras = f" [LoRA: {', '.join(model.loras)}]" if model.loras else ""
+        print(f"{name:14s} {model.task:14s} {model.description}{loras}")
     return 0
 
 

@@ -11,12 +11,17 @@ Input images (`GenerationParams.images`, PIL) make a request an edit (FLUX.1 Kon
 reference images) or an image-to-video request (Wan I2V, HunyuanVideo 1.5 I2V): the model's tasks say which it
 takes and how many (`ModelInfo.tasks`, `ModelInfo.max_images`). A request with input images runs alone in its
 pipeline call (`runs_alone`): one prompt, its outputs as `num_images_per_prompt`, so inputs are never mixed.
+
+LoRA adapters (`GenerationParams.lora`: names the model was loaded with, scales in `LORA_SCALE_RANGE`) are part of
+the batch key: a batch shares one adapter set, activated for its call only (`accel.lora.lora_set`); with none the
+output is bit-identical to the model without adapters.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +36,7 @@ from accel import accelerate
 from accel.adapters import PIPELINE_MAX_IMAGES, adapter_for, pipeline_tasks
 from accel.errors import GenerationParamsError, validation_errors
 from accel.loading import ModelDefaults
+from accel.lora import LORA_SCALE_RANGE, MAX_LORAS_PER_REQUEST, LoraRef, lora_names, lora_set
 from accel.spec import AccelSpec, parse_spec
 
 # the knobs of a pipeline call a request sets (the rest: prompts, outputs per prompt, seeds)
@@ -61,6 +67,9 @@ class GenerationParams(BaseModel):
         "an image-to-video model."))
     mask: Any = Field(None, description="PIL mask (converted to L): where the image may change (pipelines that "
                       "take `mask_image` only).")
+    lora: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST, description=(
+        f"LoRA adapters for this request, by the names the model was loaded with, each with a scale in "
+        f"[{LORA_SCALE_RANGE[0]:g}, {LORA_SCALE_RANGE[1]:g}] (1: as trained); empty: the base model, bit for bit."))
 
     @field_validator("images")
     @classmethod
@@ -79,6 +88,8 @@ class GenerationParams(BaseModel):
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
             message, first = validation_errors(exc.errors())
+            # list items as `lora[0].scale`, the way a request writes them
+            message, first = (re.sub(r"\b(lora|images)\.(\d+)\b", r"\1[\2]", text) for text in (message, first))
             raise GenerationParamsError(message, field=first) from None
 
 
@@ -108,6 +119,7 @@ class ModelInfo:
     prune_plans: tuple[str, ...] = ()  # names loaded with `load_pipeline(prune_plans=...)`
     tasks: tuple[str, ...] = ()  # text-to-image, text-to-video, image-edit, image-to-video
     max_images: int = 0  # input images one call takes (0: none)
+    loras: tuple[str, ...] = ()  # LoRA adapters a request may name (`GenerationParams.lora`)
 
     @property
     def fps(self) -> int:
@@ -142,6 +154,7 @@ def model_info(pipe: Any) -> ModelInfo:
         size_multiple=adapter.size_multiple(pipe),
         temporal_factor=getattr(pipe, "vae_scale_factor_temporal", 1) or 1,
         prune_plans=tuple(getattr(pipe, "accel_prune_plans", {})),
+        loras=lora_names(pipe),
     )
 
 
@@ -196,6 +209,7 @@ def resolve_params(pipe: Any, params: GenerationParams) -> ResolvedParams:
         if name not in accepted:
             raise GenerationParamsError(f"{name}: not supported by {name_of} ({info.family} family)", field=name)
     _check_inputs(pipe, params, info, accepted)
+    values["lora"] = _check_lora(params.lora, info, name_of)
     for name in ("height", "width"):
         if name in values and values[name] % info.size_multiple:
             raise GenerationParamsError(
@@ -208,6 +222,28 @@ def resolve_params(pipe: Any, params: GenerationParams) -> ResolvedParams:
             field="num_frames",
         )
     return ResolvedParams.model_construct(**{**params.model_dump(), **values})
+
+
+def _check_lora(refs: list[LoraRef], info: ModelInfo, name_of: str) -> list[LoraRef]:
+    """The request's adapters against the model's (errors name `lora`, `lora[i].name`), sorted by name: the same
+    set written in another order is the same batch and the same output."""
+    if refs and not info.loras:
+        raise GenerationParamsError(f"lora: this model ({name_of}) has no LoRA adapters", field="lora")
+    seen: set[str] = set()
+    for i, ref in enumerate(refs):
+        if ref.name not in info.loras:
+            raise GenerationParamsError(f"lora[{i}].name: unknown adapter {ref.name!r}; this model offers: "
+                                        f"{', '.join(info.loras)}", field=f"lora[{i}].name")
+        if ref.name in seen:
+            raise GenerationParamsError(f"lora[{i}].name: adapter {ref.name!r} is given twice",
+                                        field=f"lora[{i}].name")
+        seen.add(ref.name)
+    return sorted(refs, key=lambda ref: ref.name)
+
+
+def lora_key(params: GenerationParams) -> tuple[tuple[str, float], ...]:
+    """The adapter set of a (resolved) request as a hashable key: ((name, scale), ...) in name order."""
+    return tuple((ref.name, ref.scale) for ref in params.lora)
 
 
 def _check_inputs(pipe: Any, params: GenerationParams, info: ModelInfo, accepted: frozenset[str]) -> None:
@@ -264,8 +300,10 @@ class GenerationResult:
 def batch_key(params: GenerationParams) -> tuple:
     """Requests with equal keys can run in one pipeline call: all knobs shared by a call except prompts and seeds.
     Compare resolved requests (`resolve_params`), so a knob left to the model's default equals the default given.
-    Requests with input images also differ from those without; they run alone all the same (`runs_alone`)."""
-    return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None, runs_alone(params))
+    Requests with input images also differ from those without; they run alone all the same (`runs_alone`). The
+    LoRA adapter set (names and scales) is part of the key: one call runs one set."""
+    return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None, runs_alone(params),
+            lora_key(params))
 
 
 def runs_alone(params: GenerationParams) -> bool:
@@ -280,7 +318,7 @@ def pipeline_kwargs(pipe: Any, batch: list[GenerationParams]) -> dict[str, Any]:
     seeded `seed + i` for the request's i-th output, so an image's noise does not depend on the rest of the batch."""
     batch = [resolve_params(pipe, params) for params in batch]
     if len({batch_key(p) for p in batch}) != 1:
-        raise GenerationParamsError("requests in one batch must share size, steps, guidance and frames")
+        raise GenerationParamsError("requests in one batch must share size, steps, guidance, frames and LoRA adapters")
     params = batch[0]
     info = model_info(pipe)
     kwargs: dict[str, Any] = dict(info.defaults.extra)
@@ -379,9 +417,13 @@ def generate_batch(
     """Run compatible requests (equal `batch_key`) in one pipeline call; one result per request, in order.
     The accelerator report and the time are the batch's. `spec` is any form `parse_spec` takes; an `AccelSpec`
     is used as is. This call owns `pipe._interrupt`: cleared before and after, so an interrupted call never
-    leaks into the next one."""
+    leaks into the next one. The batch's LoRA adapters (one set, shared by every request: `batch_key`) are active
+    for this call only; the report's `lora` lists them ([] for the base model)."""
     spec = parse_spec(spec)
+    batch = [resolve_params(pipe, params) for params in batch]
     kwargs = pipeline_kwargs(pipe, batch)
+    adapters = batch[0].lora
+    assert all(lora_key(p) == lora_key(batch[0]) for p in batch), "a batch shares one LoRA adapter set"
     total = kwargs.get("num_inference_steps") or 0
     captured: dict[str, torch.Tensor] = {}
 
@@ -402,17 +444,18 @@ def generate_batch(
     pipe._interrupt = False
     try:
         seeds = [request.seed + i for request in batch for i in range(request.num_outputs)]  # one per output
-        with torch.inference_mode(), accelerate(pipe, spec, seed=seeds) as report, _no_decode_after_interrupt(pipe), \
-                step_hook:
+        with torch.inference_mode(), lora_set(pipe, adapters), accelerate(pipe, spec, seed=seeds) as report, \
+                _no_decode_after_interrupt(pipe), step_hook:
             output = pipe(**kwargs)
     except _Interrupted:
         output = None
     finally:
         pipe._interrupt = False
     seconds = time.perf_counter() - start
+    ran = [{"name": ref.name, "scale": ref.scale} for ref in adapters]
     if output is None:
-        return [GenerationResult(None, None, captured.get("latents"), seconds, report.as_dict(), interrupted=True)
-                for _ in batch]
+        return [GenerationResult(None, None, captured.get("latents"), seconds, {**report.as_dict(), "lora": ran},
+                                 interrupted=True) for _ in batch]
     video = model_info(pipe).is_video
     frames = np.asarray(output.frames if video else output.images, dtype=np.float32)
     latents = captured.get("latents")
@@ -426,7 +469,7 @@ def generate_batch(
                 videos=frames[part] if video else None,
                 latents=None if latents is None else latents[part],
                 seconds=seconds,
-                report=report.as_dict(),
+                report={**report.as_dict(), "lora": ran},
             )
         )
     return results

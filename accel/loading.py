@@ -19,6 +19,7 @@ from diffusers.models.attention_dispatch import AttentionBackendName
 
 from accel.adapters import adapter_for
 from accel.errors import AccelError, ModelNotFoundError
+from accel.lora import load_loras
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
 from accel.models.registry import BUILTIN_MODELS, DEFAULT_MODEL, build_pipeline, builtin_models
 from accel.pruning.plan import load_plans, prune_pipeline
@@ -114,6 +115,8 @@ def load_pipeline(
     prune_plan: str | Path | None = None,
     prune_ratio: float = 0.0,
     prune_plans: dict[str, str | Path] | None = None,
+    loras: dict[str, str | Path] | None = None,
+    builtin_loras: bool = True,
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
@@ -121,7 +124,10 @@ def load_pipeline(
     defaults of its plain call. `prune_plan` (a plan file from `accel prune calibrate`) with `prune_ratio` removes
     that fraction of the transformer's blocks for good (before compilation); a plan calibrated on another model is
     refused. `prune_plans` ({name: plan file}) are the plans per-call pruning may name (`prune:plan=<name>`),
-    checked against the (possibly pruned) model now.
+    checked against the (possibly pruned) model now. `loras` ({name: LoRA file or directory}) are the LoRA adapters
+    calls may activate by name (`GenerationParams.lora`), loaded now (a file that does not fit the model is an
+    `AccelError` naming it) and disabled; a built-in model's own adapters (`BuiltinModel.loras`) come first unless
+    `builtin_loras` is False. `pipe.accel_loras` lists them.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -148,6 +154,11 @@ def load_pipeline(
     with_defaults(pipe, defaults)
     pipe.accel_source = source
     choose_attention_backend(pipe.transformer, attention_backend, device)
+    own = dict(BUILTIN_MODELS[source].loras) if source in BUILTIN_MODELS and builtin_loras else {}
+    clash = sorted(set(own) & set(loras or {}))
+    if clash:
+        raise AccelError(f"loras.{clash[0]}: {source} already has a built-in adapter of that name", field="loras")
+    load_loras(pipe, {**own, **(loras or {})})  # before pruning: a LoRA fits the whole model
     if prune_plan is not None:
         prune_pipeline(pipe, prune_plan, prune_ratio)
     elif prune_ratio:

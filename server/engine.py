@@ -27,8 +27,8 @@ log = logging.getLogger("accel.server")
 
 
 def work_key(model: str, params: GenerationParams, spec: AccelSpec) -> tuple:
-    """Requests with equal keys can share a pipeline call: same model, same call knobs (of resolved parameters)
-    and the same canonical spec, however it was written."""
+    """Requests with equal keys can share a pipeline call: same model, same call knobs (of resolved parameters),
+    the same LoRA adapter set and scales, and the same canonical spec, however it was written."""
     return (model, *batch_key(params), spec.key)
 
 
@@ -64,8 +64,9 @@ class Engine:
             start = time.perf_counter()
             try:
                 pipe = load_pipeline(model.source, device=self.settings.device, dtype=model.dtype,
-                                     compile=model.compile, **_prune_kwargs(model))
-            except AccelError as exc:  # e.g. a bad plan file: say which model's settings to fix
+                                     compile=model.compile, loras=model.loras, builtin_loras=model.builtin_loras,
+                                     **_prune_kwargs(model))
+            except AccelError as exc:  # e.g. a bad plan or LoRA file: say which model's settings to fix
                 raise AccelError(f"model {model.id}: {exc}", field=exc.field) from None
             info = model_info(pipe)
             if self.settings.warmup:

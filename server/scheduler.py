@@ -3,7 +3,8 @@
 - Admission: at most `queue_size` requests wait; beyond that `QueueFull` (the route answers 429 with
   Retry-After at once). While draining, nothing is admitted.
 - Batching: the oldest waiting request opens a batch; requests with the same model, generation knobs (size,
-  steps, guidance, frames; defaults filled in) and acceleration spec (its canonical key) join it, up to
+  steps, guidance, frames; defaults filled in), LoRA adapter set (names and scales; activated for that batch's
+  call only) and acceleration spec (its canonical key) join it, up to
   `max_batch_size`, waiting at most `max_batch_wait_ms` after the oldest arrived. Incompatible requests are
   never mixed, and a spec whose methods decide from the batch's data (`AccelSpec.batch_invariant` False:
   Sortblock, FBCache, DBCache) runs alone, so no output depends on who else was in its batch. A request with

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from accel.errors import SpecError, validation_errors
 from accel.loading import DEFAULT_MODEL
+from accel.lora import LORA_NAME_PATTERN
 from accel.spec import AccelSpec, method_schemas, parse_spec
 
 
@@ -39,6 +40,11 @@ class ModelSettings(BaseModel):
     prune_plans: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][\w.-]{0,63}$")], str] = Field(
         default_factory=dict, description="plans per-call pruning may use: name -> plan file; requests name them "
         "(prune:plan=<name>), never a path")
+    loras: dict[Annotated[str, Field(pattern=LORA_NAME_PATTERN)], str] = Field(
+        default_factory=dict, description="LoRA adapters requests may activate: name -> local diffusers/PEFT LoRA file "
+        "(or a directory holding pytorch_lora_weights.safetensors), loaded and checked against the model at start-up; "
+        "requests name them (`lora: [{\"name\": ..., \"scale\": ...}]`), never a path")
+    builtin_loras: bool = Field(True, description="also offer a built-in model's own adapters (shapes-flux: star)")
     compile: bool = False
 
 

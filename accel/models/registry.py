@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 
 from accel.errors import ModelNotFoundError
 from accel.models.pipelines import ModelDefaults, prepare
+from accel.models.shapes_flux import LORAS as SHAPES_FLUX_LORAS
 from accel.models.shapes_flux import MAX_SEQUENCE_LENGTH, load_shapes_flux
 from accel.models.cogvideox import build_tiny_cogvideox
 from accel.models.flux2 import build_tiny_flux2
@@ -41,7 +42,8 @@ class BuiltinModel:
     """A built-in model: what it is, its generation defaults, and the function that builds it.
 
     `pipeline_kwargs` are extra pipeline-call arguments the model wants by default (e.g. `max_sequence_length`);
-    `default_fps` is the frame rate for writing videos (None for images).
+    `default_fps` is the frame rate for writing videos (None for images); `loras` are the model's own LoRA adapters
+    (name -> LoRA file or directory in the package), which `accel.load_pipeline` loads (disabled until a call asks).
     """
 
     name: str
@@ -56,6 +58,7 @@ class BuiltinModel:
     builder: Callable[[int], DiffusionPipeline] = field(repr=False, compare=False)
     default_fps: int | None = None
     pipeline_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
+    loras: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def defaults(self) -> ModelDefaults:
         """The record's defaults as the `ModelDefaults` that loading attaches to the pipeline."""
@@ -91,6 +94,7 @@ TRAINED_MODELS = _records(
         default_guidance=1.0,  # no guidance embedding: FluxPipeline ignores guidance_scale for this model
         builder=load_shapes_flux,
         pipeline_kwargs={"max_sequence_length": MAX_SEQUENCE_LENGTH},
+        loras=dict(SHAPES_FLUX_LORAS),  # star: the shape word 'star', trained here (tools/refmodel/train_lora.py)
     ),
 )
 

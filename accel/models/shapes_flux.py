@@ -20,6 +20,10 @@ Architecture (``build_untrained``):
   tokens (``VOCABULARY``);
 - scheduler: FLUX.1's (dynamic shifting, base/max shift 0.5/1.15).
 
+Built-in LoRA adapter (``LORAS``, trained by ``python -m tools.refmodel.train_lora``, see ``docs/refmodel.md``):
+``star`` teaches the shape word ``star``, which the base model has never seen; `accel.load_pipeline("shapes-flux")`
+loads it (disabled until a call asks for it: ``lora=[{"name": "star", "scale": 1.0}]``).
+
 Generation sizes must be multiples of 32 (the VAE's factor 16 times FLUX's 2x2 packing); the model was trained at
 128x128 only, with T5 prompts padded to ``MAX_SEQUENCE_LENGTH`` tokens. `load_shapes_flux` returns the plain
 diffusers pipeline; as a built-in (`accel.load_pipeline("shapes-flux")`) its call defaults are the model's
@@ -37,6 +41,8 @@ from accel.models.components import flux_scheduler, flux_text_encoders, flux_tra
 from accel.models.pipelines import own_memory, prepare
 
 __all__ = [
+    "LORAS",
+    "LORAS_DIR",
     "MAX_SEQUENCE_LENGTH",
     "VOCABULARY",
     "WEIGHTS_DIR",
@@ -48,6 +54,8 @@ __all__ = [
 ]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "shapes-flux"
+LORAS_DIR = Path(__file__).parent / "weights" / "shapes-flux-loras"
+LORAS: dict[str, Path] = {"star": LORAS_DIR / "star"}  # the built-in adapters: name -> diffusers LoRA directory
 
 # The T5 tokenizer knows the grammar's words as whole tokens (other words fall back to characters): the longest
 # caption ("a yellow triangle at the bottom and a yellow triangle in the center") is 13 words + </s> = 14 tokens;

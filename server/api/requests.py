@@ -106,7 +106,7 @@ def resolve(settings: ServerSettings, body, loaded: LoadedModel, image_param: st
         params = GenerationParams.parse(
             prompt=body.prompt, negative_prompt=body.negative_prompt, num_inference_steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, height=height, width=width,
-            seed=seed, **extra,
+            seed=seed, lora=[ref.model_dump() for ref in body.lora] if body.lora else None, **extra,
         )
         params = resolve_params(loaded.pipe, params)
     except AccelError as exc:
@@ -203,11 +203,13 @@ def _json(raw: bytes) -> Any:
 
 
 def _form(content_type: str, raw: bytes) -> dict[str, Any]:
-    """A multipart form's fields (`server.api.uploads.parse_form`); `acceleration` may be JSON text."""
+    """A multipart form's fields (`server.api.uploads.parse_form`); `acceleration` may be JSON text, `lora` is."""
     fields = parse_form(content_type, raw)
     text = fields.get("acceleration")
     if isinstance(text, str) and text[:1] in ("[", "{"):
         fields["acceleration"] = _json(text.encode())
+    if isinstance(fields.get("lora"), str):
+        fields["lora"] = _json(fields["lora"].encode())
     return fields
 
 

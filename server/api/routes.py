@@ -151,7 +151,7 @@ async def _images(request: Request, body: ImageGenerationRequest, item) -> Image
     h, w = result.images.shape[1:3]
     return ImagesResponse(created=int(time.time()), data=data, output_format=fmt, size=f"{w}x{h}",
                           quality=body.quality, seed=item.params.seed, model=item.model,
-                          acceleration=result.report, timings=timings)
+                          acceleration=result.report, lora=result.report.get("lora", []), timings=timings)
 
 
 # -- videos ------------------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def _card(model_id: str, loaded, created: int) -> ModelCard:
     info, defaults = loaded.info, loaded.info.defaults
     size = f"{defaults.width}x{defaults.height}" if defaults.width and defaults.height else None
     return ModelCard(id=model_id, created=created, task=info.task, tasks=list(info.tasks), family=info.family,
-                     max_input_images=info.max_images, default_preset=loaded.settings.default_preset, prune_plans=list(info.prune_plans),
+                     max_input_images=info.max_images, default_preset=loaded.settings.default_preset, prune_plans=list(info.prune_plans), loras=list(info.loras),
                      default_size=size, default_steps=defaults.num_inference_steps,
                      default_guidance=defaults.guidance_scale, default_frames=defaults.num_frames,
                      size_multiple=info.size_multiple)

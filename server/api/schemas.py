@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
+from accel.lora import LORA_NAME_PATTERN, LORA_SCALE_RANGE, MAX_LORAS_PER_REQUEST
+
 from server.api.uploads import Upload
 from server.jobs import VideoJob  # the job record is the response body as is
 
@@ -87,6 +89,18 @@ ImageFiles = Annotated[list[Any], AfterValidator(_uploads),
                        WithJsonSchema({"type": "array", "items": _BINARY, "minItems": 1})]
 
 
+class LoraRequest(BaseModel):
+    """One LoRA adapter for a request: its name (`GET /v1/models` lists each model's `loras`) and scale."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(..., min_length=1, max_length=64, json_schema_extra={"pattern": LORA_NAME_PATTERN},
+                      description="an adapter of the model (its card's `loras`); never a path")
+    scale: float = Field(1.0, json_schema_extra={"minimum": LORA_SCALE_RANGE[0], "maximum": LORA_SCALE_RANGE[1]},
+                         description=f"strength in [{LORA_SCALE_RANGE[0]:g}, {LORA_SCALE_RANGE[1]:g}]: 1 as "
+                         "trained, 0 off (outside the range: 400 naming `lora[i].scale`)")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -102,6 +116,9 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="default: random; returned in the response")
     acceleration: Acceleration = Field(None, description="preset name, method spec, or list of specs (knobs per "
                                        "method: GET /v1/accelerators)")
+    lora: list[LoraRequest] | None = Field(
+        None, max_length=MAX_LORAS_PER_REQUEST, description="LoRA adapters to apply, each with its scale; requests "
+        "with the same set and scales are batched together; none or []: the base model, bit for bit")
     timeout: float | None = Field(None, gt=0.0, le=86400.0, description="seconds before 504; default and maximum: the server's request_timeout_s")
     user: str | None = Field(None, max_length=256)
 
@@ -148,6 +165,7 @@ class ImagesResponse(BaseModel):
     seed: int
     model: str
     acceleration: dict[str, Any]
+    lora: list[dict[str, Any]] = Field(default_factory=list, description="the LoRA adapters that ran (name, scale)")
     timings: dict[str, float]
 
 
@@ -183,6 +201,7 @@ class ModelCard(BaseModel):
     max_input_images: int = Field(0, description="input images a request may give (edits, image-to-video)")
     default_preset: str
     prune_plans: list[str] = Field(default_factory=list, description="plan names `prune:plan=<name>` may use")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters a request may name in `lora`")
     default_size: str | None = Field(None, description="WxH a request without `size` gets")
     default_steps: int | None = Field(None, description="num_inference_steps a request without it gets")
     default_guidance: float | None = None

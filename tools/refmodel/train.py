@@ -173,9 +173,11 @@ def train_vae(args: argparse.Namespace, out: Path, device: torch.device) -> Path
 
 
 @torch.no_grad()
-def _encode_latents(pipe: Any, args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], list[str]]:
-    """Latents of the pool's training images (normalised as the pipeline does) and their captions."""
-    ds = ShapesDataset("train", size=IMAGE_SIZE, seed=args.data_seed, length=10**8)
+def _encode_latents(pipe: Any, args: argparse.Namespace, device: torch.device,
+                    split: str = "train") -> tuple[list[torch.Tensor], list[str]]:
+    """Latents of the pool's training images (normalised as the pipeline does) and their captions; ``split`` is a
+    `ShapesDataset` split (``star``: the star adapter's data, `tools.refmodel.train_lora`)."""
+    ds = ShapesDataset(split, size=IMAGE_SIZE, seed=args.data_seed, length=10**8)
     offset = 10**8 // 2  # second half of the index range: images the VAE never saw
     vae = pipe.vae.to(device).eval()
     sf, shf = vae.config.scaling_factor, vae.config.shift_factor
