@@ -11,6 +11,8 @@ EXAMPLES = """examples:
   accel generate --prompt "a red circle on the left" --out red.png          # shapes-flux, the default model
   accel generate --prompt "a blue square at the top" --accel fast --out fast.png
   accel generate --prompt "a red star on the left" --lora star=1.0 --out star.png   # shapes-flux's LoRA adapter
+  accel generate --prompt "a blue square at the top" --accel target:psnr=35 --report --out t.png  # a fidelity target
+  accel calibrate --model tiny-flux --out tiny-flux.profile.json     # speed/fidelity profile (resumable)
   accel generate --model tiny-wan --prompt "a ball" --frames 5 --out ball.mp4
   accel generate --model tiny-flux-kontext --image in.png --prompt "make it blue" --out edited.png
   accel bench --model bench-flux --accel fbcache:threshold=0.1 --accel taylorseer --steps 20 --seeds 2 --out out/bench
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", default=None, metavar="FILE", help="mask image (models that take a mask)")
     gen.add_argument("--out", required=True, help="output file: .png/.jpg/.webp for images, .mp4 for videos")
     gen.add_argument("--report", action="store_true", help="print what the accelerators did, as JSON")
+    gen.add_argument("--profile", default=None, metavar="FILE",
+                     help="calibrated profile (`accel calibrate`) for fidelity targets (built-in models ship one)")
 
     bench = sub.add_parser("bench", help="compare specs with the baseline: speed ratio, work, PSNR/SSIM",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
@@ -106,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     cal.add_argument("--no-drop-one", action="store_true", help="skip the drop-one score (one run per block)")
 
+    calib = sub.add_parser("calibrate", help="measure every cache setting's speed and fidelity: a profile for "
+                           "fidelity targets (JSON; resumable: rerun the same command after Ctrl-C)")
+    _add_model_args(calib)
+    calib.add_argument("--prompts", default=None, help="file with one calibration prompt per line (default: 8 "
+                       "training captions for shapes-flux, 2 generic prompts otherwise)")
+    calib.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    calib.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    calib.add_argument("--spec", action="append", default=[], metavar="SPEC",
+                       help="an extra setting to measure, e.g. a stack 'abcache_adaptive;sparse_attention' (repeatable)")
+    calib.add_argument("--only", default=None, metavar="REGEX", help="keep only the sweep's lines matching REGEX")
+    calib.add_argument("--plain-every", type=int, default=6, help="a plain run for timing every N settings")
+    calib.add_argument("--out", required=True, help="profile file to write (JSON)")
+
     sub.add_parser("models", help="list the built-in models")
     methods = sub.add_parser("methods", help="list accelerators (with their knobs) and presets")
     methods.add_argument("--matrix", action="store_true", help="print family x method support as a markdown table")
@@ -118,6 +135,7 @@ def _load(args):
     return load_pipeline(args.model, device=args.device, dtype=args.dtype, compile=args.compile,
                          attention_backend=args.attention_backend, progress=True,
                          prune_plan=getattr(args, "prune_plan", None), prune_ratio=getattr(args, "prune_ratio", 0.0),
+                         profile=getattr(args, "profile", None),
                          loras=_pairs(args.load_lora, "--load-lora", str) or None)
 
 
@@ -273,6 +291,41 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import re
+
+    from accel.calibration.calibrate import calibrate, default_sweep, state_path
+
+    prompts = None
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise SystemExit(f"error: --prompts {args.prompts}: no prompt in the file")
+    pipe = _load(args)
+    sweep = [(line, spec) for line, spec in default_sweep(pipe) if not args.only or re.search(args.only, line)]
+    sweep += [("extra", spec) for spec in args.spec]
+    if not sweep:
+        raise SystemExit("error: --only left no setting to measure")
+    options = [("--prompts", args.prompts), ("--steps", args.steps), ("--seed", args.seed or None),
+               ("--only", args.only), *(("--spec", spec) for spec in args.spec)]
+    command = f"accel calibrate --model {args.model} " + "".join(f"{k} {v!r} " if k in ("--only", "--spec") else
+                                                          f"{k} {v} " for k, v in options if v) + f"--out {args.out}"
+    try:
+        profile = calibrate(pipe, args.out, model=args.model, prompts=prompts, steps=args.steps, seed=args.seed,
+                            sweep=sweep, plain_every=args.plain_every, command=command)
+    except KeyboardInterrupt:
+        print(f"interrupted: no profile written; progress kept in {state_path(args.out)} (run the same command "
+              "again to resume)", file=sys.stderr)
+        return 130
+    bucket = profile.buckets[0]
+    print(f"wrote {args.out}: {len(bucket.settings)} settings at {bucket.describe()}, {len(bucket.front)} on the front")
+    for spec in bucket.front:
+        s = bucket.setting(spec)
+        print(f"  {spec:40s} work {100 * s.work:5.1f}%  speedup {s.speedup:5.2f}x  PSNR median {s.psnr_median:6.2f} "
+              f"p10 {s.psnr_p10:6.2f} dB")
+    return 0
+
+
 def cmd_models(args) -> int:
     from accel.loading import builtin_models
 
@@ -310,6 +363,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "make-model": cmd_make_model,
     "prune": cmd_prune,
+    "calibrate": cmd_calibrate,
     "models": cmd_models,
     "methods": cmd_methods,
 }

@@ -392,6 +392,19 @@ def _no_decode_after_interrupt(pipe: Any) -> Iterator[None]:
             vae.decode = own
 
 
+def resolve_request_target(pipe: Any, spec: AccelSpec, params: GenerationParams,
+                           allowed: Callable[[AccelSpec], bool] | None = None) -> AccelSpec:
+    """A spec's fidelity target resolved on the model's calibrated profile at the request's size, steps and frames
+    (`accel.calibration.target`); `allowed` may refuse settings. A spec without a target is returned as is."""
+    from accel.calibration.target import resolve_target
+
+    if spec.target is None:
+        return spec
+    params = resolve_params(pipe, params)
+    return resolve_target(pipe, spec.target, height=params.height, width=params.width,
+                          steps=params.num_inference_steps, frames=params.num_frames, allowed=allowed)
+
+
 def generate(
     pipe: Any,
     params: GenerationParams,
@@ -421,6 +434,8 @@ def generate_batch(
     for this call only; the report's `lora` lists them ([] for the base model)."""
     spec = parse_spec(spec)
     batch = [resolve_params(pipe, params) for params in batch]
+    if spec.target is not None:  # a fidelity target: chosen on the model's profile at this request's size and steps
+        spec = resolve_request_target(pipe, spec, batch[0])
     kwargs = pipeline_kwargs(pipe, batch)
     adapters = batch[0].lora
     assert all(lora_key(p) == lora_key(batch[0]) for p in batch), "a batch shares one LoRA adapter set"

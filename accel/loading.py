@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from accel.adapters import adapter_for
+from accel.calibration.profile import attach_builtin_profile, attach_profile
 from accel.errors import AccelError, ModelNotFoundError
 from accel.lora import load_loras
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
@@ -117,6 +118,7 @@ def load_pipeline(
     prune_plans: dict[str, str | Path] | None = None,
     loras: dict[str, str | Path] | None = None,
     builtin_loras: bool = True,
+    profile: str | Path | None = None,
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
@@ -127,7 +129,9 @@ def load_pipeline(
     checked against the (possibly pruned) model now. `loras` ({name: LoRA file or directory}) are the LoRA adapters
     calls may activate by name (`GenerationParams.lora`), loaded now (a file that does not fit the model is an
     `AccelError` naming it) and disabled; a built-in model's own adapters (`BuiltinModel.loras`) come first unless
-    `builtin_loras` is False. `pipe.accel_loras` lists them.
+    `builtin_loras` is False. `pipe.accel_loras` lists them. `profile` (from `accel calibrate`) is checked against
+    the model's fingerprint and attached (`pipe.accel_profile`) for fidelity targets; a built-in model gets its
+    shipped profile (`accel/models/profiles/<name>.json`) when that matches the loaded weights.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -164,6 +168,10 @@ def load_pipeline(
     elif prune_ratio:
         raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
     load_plans(pipe, prune_plans or {})
+    if profile is not None:  # a calibrated profile for fidelity targets: refused when calibrated on another model
+        attach_profile(pipe, profile)
+    elif source in BUILTIN_MODELS:
+        attach_builtin_profile(pipe, source)  # the shipped profile, when it matches these weights
     if compile:
         compile_blocks(pipe)
     return pipe

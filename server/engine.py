@@ -6,10 +6,12 @@ adapters or accelerator internals.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,6 +20,8 @@ from accel.errors import AccelError
 from PIL import Image
 
 from accel.generate import GenerationParams, GenerationResult, ModelInfo, batch_key, generate_batch, model_info
+import accel.calibration.calibrate as calibration
+from accel.calibration.profile import ProfileError, attach_profile, profile_of
 from accel.loading import load_pipeline
 from accel.spec import AccelSpec
 
@@ -58,6 +62,7 @@ class Engine:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.models: dict[str, LoadedModel] = {}
+        self.calibrating: dict[str, Any] | None = None  # {"model", "done", "total"} while a model calibrates
 
     def load(self, on_loaded: Callable[[str, float], None] | None = None) -> None:
         for model in self.settings.models:
@@ -65,7 +70,8 @@ class Engine:
             try:
                 pipe = load_pipeline(model.source, device=self.settings.device, dtype=model.dtype,
                                      compile=model.compile, loras=model.loras, builtin_loras=model.builtin_loras,
-                                     **_prune_kwargs(model))
+                                     profile=model.profile, **_prune_kwargs(model))
+                self._calibration(model, pipe)
             except AccelError as exc:  # e.g. a bad plan or LoRA file: say which model's settings to fix
                 raise AccelError(f"model {model.id}: {exc}", field=exc.field) from None
             info = model_info(pipe)
@@ -93,6 +99,37 @@ class Engine:
         with model.lock:
             results = generate_batch(model.pipe, batch, spec, on_step=on_step)
         return results, record
+
+    def _calibration(self, model: ModelSettings, pipe: Any) -> None:
+        """A model without a fitting profile gets the one kept under `calibration_dir` (`<id>.json`), else, with
+        `calibrate: true`, a new one measured now (`accel.calibration.calibrate`; resumable after a restart) and
+        kept there. A kept profile of other weights is left alone (and replaced when calibrating)."""
+        if profile_of(pipe) is not None or not self.settings.calibration_dir:
+            return
+        path = Path(self.settings.calibration_dir) / f"{model.id}.json"
+        if path.is_file():
+            try:
+                attach_profile(pipe, path)
+                return
+            except ProfileError as exc:
+                log.warning(json.dumps({"event": "profile_refused", "model": model.id, "error": str(exc)}))
+        if not model.calibrate:
+            return
+        prompts = None
+        if model.calibration_prompts:
+            prompts = [line.strip() for line in Path(model.calibration_prompts).read_text().splitlines() if line.strip()]
+        self.calibrating = {"model": model.id, "done": 0, "total": None}
+
+        def progress(done: int, total: int) -> None:
+            self.calibrating = {"model": model.id, "done": done, "total": total}
+
+        log.info(json.dumps({"event": "calibrating", "model": model.id, "profile": str(path)}))
+        try:
+            profile = calibration.calibrate(pipe, path, model=model.source, prompts=prompts, progress=False, on_progress=progress,
+                                command=f"server: calibrate on load ({model.id})")
+        finally:
+            self.calibrating = None
+        attach_profile(pipe, profile)
 
     @staticmethod
     def free_device_memory() -> None:

@@ -23,4 +23,7 @@ class Metrics:
                                   ["method"], registry=r)
         self.errors = Counter("accel_errors", "failed requests by error type", ["type"], registry=r)
         self.model_load_seconds = Gauge("accel_model_load_seconds", "time to load and warm a model", ["model"], registry=r)
+        self.estimated_psnr = Histogram(
+            "accel_estimated_psnr", "fidelity estimate per accelerated call (dB against the plain output)", ["model"],
+            buckets=(20, 25, 30, 32, 34, 36, 38, 40, 45, 50, 60, 100), registry=r)
         self.rejected = Counter("accel_rejected", "requests refused at admission (queue full or draining)", registry=r)

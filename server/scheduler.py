@@ -226,6 +226,9 @@ class Scheduler:
         self.metrics.running.set(0)
         self.metrics.run_seconds.labels(head.model).observe(results[0].seconds)
         self._observe_acceleration(head.spec, results[0])
+        estimate = (results[0].report.get("estimate") or {}).get("psnr")
+        if estimate is not None:
+            self.metrics.estimated_psnr.labels(head.model).observe(estimate)
         for item, result in zip(batch, results):
             item.record = record
             if item.cancelled:

@@ -46,6 +46,11 @@ class ModelSettings(BaseModel):
         "requests name them (`lora: [{\"name\": ..., \"scale\": ...}]`), never a path")
     builtin_loras: bool = Field(True, description="also offer a built-in model's own adapters (shapes-flux: star)")
     compile: bool = False
+    profile: str | None = Field(None, description="calibrated profile file (`accel calibrate`) for fidelity targets; "
+                                "refused at start-up when calibrated on another model")
+    calibrate: bool = Field(False, description="calibrate the model on first load when no profile fits it (cached "
+                            "under calibration_dir; /ready says 'calibrating' with progress meanwhile)")
+    calibration_prompts: str | None = Field(None, description="file of calibration prompts (default: built-in ones)")
 
 
 class ServerSettings(BaseSettings):
@@ -85,6 +90,8 @@ class ServerSettings(BaseSettings):
     redis_prefix: str = Field("accel:", min_length=1, max_length=100, description="key prefix in Redis")
     job_poll_s: float = Field(0.25, gt=0.0, le=60.0, description="how often queued jobs check for a cancel elsewhere")
     warmup: bool = Field(True, description="run one tiny generation per model before /ready turns true")
+    calibration_dir: str | None = Field(None, description="where profiles calibrated on load are kept "
+                                        "(<dir>/<model id>.json), and looked up for models without one")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     public_paths: list[str] = Field(
         default_factory=lambda: ["/health", "/ready", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect",
@@ -105,6 +112,13 @@ class ServerSettings(BaseSettings):
         for model in models:
             parse_spec(model.default_preset, plans=model.prune_plans)  # a SpecError (a ValueError) names it
         return models
+
+    @model_validator(mode="after")
+    def _calibration(self) -> "ServerSettings":
+        for model in self.models:
+            if model.calibrate and not self.calibration_dir:
+                raise ValueError(f"model {model.id}: calibrate: true needs calibration_dir (where profiles are kept)")
+        return self
 
     @field_validator("allowed_methods")
     @classmethod

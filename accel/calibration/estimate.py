@@ -71,11 +71,16 @@ def primary_method(spec: Any) -> str | None:
     return (caches or names or [None])[0]
 
 
+REUSE_ORDER = {"abcache": 1, "abcache_adaptive": 1, "sortblock": 0}  # the `order` at which a method reuses as is
+
+
 def estimate_key(spec: Any) -> str | None:
-    """The key of the estimator's fit for a spec: its primary method, "<method> order 1" for plain reuse."""
+    """The key of the estimator's fit for a spec: its primary method, "<method> order 1" when it reuses its last
+    output as is (AB-Cache order 1, Sortblock order 0), whose error grows linearly with the distance."""
     method = primary_method(spec)
     config = spec.method(method) if method else None
-    return method if getattr(config, "order", 2) != 1 else f"{method} order 1"
+    reuse = method in REUSE_ORDER and getattr(config, "order", None) == REUSE_ORDER[method]
+    return f"{method} order 1" if reuse else method
 
 
 class ObserverState(BaseState):

@@ -19,7 +19,15 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from accel.errors import AccelError, SpecError, validation_errors
-from accel.generate import GenerationParams, ResolvedParams, frames_for_duration, resolve_params
+from accel.generate import (
+    GenerationParams,
+    ResolvedParams,
+    frames_for_duration,
+    resolve_params,
+    resolve_request_target,
+)
+from accel.calibration.profile import NoProfileError, profile_of
+from accel.calibration.target import QUALITY_TO_TARGET
 from accel.presets import QUALITY_TO_PRESET
 from accel.spec import AccelSpec, parse_spec
 
@@ -67,6 +75,8 @@ def acceleration(settings: ServerSettings, body, loaded: LoadedModel, quality: s
     the model's default preset. A prune plan is one of the model's configured names (never a path), and the
     methods and knobs are within what the settings allow."""
     spec = body.acceleration
+    if spec is None and quality in QUALITY_TO_TARGET and profile_of(loaded.pipe) is not None:
+        spec = {"target": QUALITY_TO_TARGET[quality]}  # a calibrated model: quality levels are fidelity targets
     if spec is None:
         spec = QUALITY_TO_PRESET.get(quality or "", loaded.settings.default_preset)
     try:
@@ -77,6 +87,26 @@ def acceleration(settings: ServerSettings, body, loaded: LoadedModel, quality: s
     except RecursionError:  # a shorthand value nested deeper than Python parses
         raise bad_request("acceleration: nested too deeply", "acceleration") from None
     return parsed
+
+
+def with_target(settings: ServerSettings, spec: AccelSpec, loaded: LoadedModel, params: ResolvedParams) -> AccelSpec:
+    """A fidelity target resolved on the model's profile at the request's size and steps, among the settings this
+    server allows (the resolved spec replaces the target); a model without a profile is a 400 naming how to
+    calibrate it."""
+    if spec.target is None:
+        return spec
+
+    def allowed(candidate: AccelSpec) -> bool:
+        try:
+            settings.check_spec(candidate)
+        except SpecError:
+            return False
+        return True
+
+    try:
+        return resolve_request_target(loaded.pipe, spec, params, allowed=allowed)
+    except NoProfileError as exc:
+        raise APIError(400, str(exc), param="acceleration", code="model_not_calibrated") from None
 
 
 def _over_limits(settings: ServerSettings, params: ResolvedParams) -> None:
@@ -133,6 +163,7 @@ def image_work(settings: ServerSettings, models: dict[str, LoadedModel], body: I
     quality = None if body.quality in (None, "standard", "hd") else body.quality
     spec = acceleration(settings, body, loaded, quality)
     params = resolve(settings, body, loaded, num_outputs=body.n, **inputs)
+    spec = with_target(settings, spec, loaded, params)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body))
 
 
@@ -183,6 +214,7 @@ def video_work(settings: ServerSettings, models: dict[str, LoadedModel], body: V
     spec = acceleration(settings, body, loaded)
     frames, fps = video_frames(body, loaded, settings.max_frames)
     params = resolve(settings, body, loaded, image_param="input_reference", num_frames=frames, **inputs)
+    spec = with_target(settings, spec, loaded, params)
     return WorkItem(model=model_id, params=params, spec=spec, deadline=_deadline(settings, body)), fps
 
 

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from accel.errors import SpecError
 from accel.io import image_bytes
 from accel.presets import PRESET_DESCRIPTIONS, PRESETS, QUALITY_TO_PRESET
+from accel.calibration.target import QUALITY_TO_TARGET
 from accel.spec import method_schemas, parse_spec
 
 from server.api.errors import APIError, bad_request, error_body, failure
@@ -262,6 +263,7 @@ async def list_accelerators(request: Request) -> dict:
         "methods": methods,
         "presets": presets,
         "quality_to_preset": {quality: preset for quality, preset in QUALITY_TO_PRESET.items() if preset in presets},
+        "quality_to_target": QUALITY_TO_TARGET,  # instead of the presets, for models with a calibrated profile
     }
 
 
@@ -277,8 +279,9 @@ async def ready(request: Request) -> Ready:
     if app_state.load_error:
         return JSONResponse(error_body(f"model loading failed: {app_state.load_error}", "server_error"), 503)
     if not app_state.ready or app_state.scheduler.draining:
-        reason = "draining" if app_state.scheduler.draining else "loading models"
-        return JSONResponse(NotReady(reason=reason).model_dump(), 503)
+        calibrating = app_state.engine.calibrating
+        reason = "draining" if app_state.scheduler.draining else "calibrating" if calibrating else "loading models"
+        return JSONResponse(NotReady(reason=reason, progress=calibrating).model_dump(), 503)
     return Ready(models=list(app_state.engine.models))
 
 

@@ -36,15 +36,24 @@ def _spec_shape(value: Any) -> Any:
         raise ValueError("at most 16 specs")
     for item in items:
         if not (isinstance(item, str) and len(item) <= 1000
-                or isinstance(item, dict) and isinstance(item.get("method"), str)):
+                or isinstance(item, dict) and isinstance(item.get("method"), str)
+                or isinstance(item, dict) and isinstance(item.get("target"), dict)):
             raise ValueError("a preset name or spec text (at most 1000 characters), an object with a string "
-                             "`method`, or a list of these")
+                             "`method`, a fidelity target {\"target\": {\"psnr\": 35}}, or a list of these")
     return value
 
 
+_TARGET = {"type": "object", "required": ["target"], "additionalProperties": False,
+           "properties": {"target": {"type": "object", "additionalProperties": False, "properties": {
+               "psnr": {"type": "number", "minimum": 15, "maximum": 80},
+               "speedup": {"type": "number", "minimum": 1, "maximum": 100},
+               "guard": {"type": "boolean"}}}},
+           "description": "a fidelity target, resolved on the model's calibrated profile: exactly one of psnr (dB at "
+                          "the 10th-percentile prompt) or speedup"}
+
 Acceleration = Annotated[
     Any, AfterValidator(_spec_shape),
-    WithJsonSchema({"anyOf": [_SPEC_TEXT, _METHOD_SPEC,
+    WithJsonSchema({"anyOf": [_SPEC_TEXT, _METHOD_SPEC, _TARGET,
                               {"type": "array", "maxItems": 16, "items": {"anyOf": [_SPEC_TEXT, _METHOD_SPEC]}},
                               {"type": "null"}]}),
 ]
@@ -133,7 +142,9 @@ class _Request(BaseModel):
 class ImageGenerationRequest(_Request):
     n: int = Field(1, ge=1, le=16)
     quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(
-        None, description="maps to a preset: high=quality, medium/auto=balanced, low=fast (overridden by acceleration)"
+        None, description="a model with a calibrated profile: a fidelity target (high: 40 dB, medium/auto: 35 dB, "
+        "low: 30 dB PSNR at the 10th-percentile prompt); else a preset: high=quality, medium/auto=balanced, "
+        "low=fast (overridden by acceleration)"
     )
     response_format: Literal["b64_json"] = Field("b64_json", description="images come inline as base64")
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -239,3 +250,4 @@ class Ready(BaseModel):
 class NotReady(BaseModel):
     status: Literal["not_ready"] = "not_ready"
     reason: str
+    progress: dict[str, Any] | None = Field(None, description="while calibrating: model, runs done, runs in all")

@@ -1,0 +1,61 @@
+"""Calibrate the shipped profiles of the built-in models (`accel/models/profiles/<name>.json`, package data).
+
+Each is what `accel calibrate --model <name> --out accel/models/profiles/<name>.json` writes: shapes-flux at 28 steps
+on 8 training captions (its held-out captions stay out of calibration), every random-weight model on 2 generic
+prompts at its default size and steps (those profiles say "random weights": their numbers exercise the machinery,
+they say nothing about a real model). Resumable like the command: rerun after Ctrl-C.
+
+    .venv/bin/python scripts/calibrate_builtin.py                 # every built-in model without a profile
+    .venv/bin/python scripts/calibrate_builtin.py tiny-flux --force
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from accel.calibration.calibrate import calibrate  # noqa: E402
+from accel.calibration.profile import builtin_profile_path  # noqa: E402
+from accel.loading import load_pipeline  # noqa: E402
+from accel.models.registry import BUILTIN_MODELS  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="*", help="built-in names (default: all)")
+    parser.add_argument("--force", action="store_true", help="recalibrate models that already have a profile")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for name in args.models or list(BUILTIN_MODELS):
+        out = builtin_profile_path(name)
+        if out.is_file() and not args.force:
+            print(f"{name}: {out.relative_to(ROOT)} exists (--force to redo)")
+            continue
+        start = time.perf_counter()
+        try:
+            pipe = load_pipeline(name, builtin_loras=False)  # adapters are per request: the base model is calibrated
+        except ImportError as exc:  # e.g. Qwen-Image-Edit's processor needs torchvision
+            print(f"{name}: skipped, cannot be built here: {exc}", flush=True)
+            continue
+        profile = calibrate(pipe, out, model=name, command=f"accel calibrate --model {name} --out "
+                            f"accel/models/profiles/{name}.json")
+        bucket = profile.buckets[0]
+        print(f"{name}: {len(bucket.settings)} settings at {bucket.describe()}, front {len(bucket.front)}, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
