@@ -201,6 +201,26 @@ def test_estimate_is_reported_and_leaves_outputs_unchanged(tiny):
     assert guarded.report["target"]["chosen"] == unguarded.report["target"]["chosen"]
 
 
+def test_guard_tightens_adaptive_abcache_when_the_estimate_falls_short(tiny):
+    """The guard's mechanism: an estimator that always predicts a PSNR below the target makes the session halve
+    adaptive AB-Cache's tolerance at each computed step, so the call computes more steps than without the guard."""
+    profile = tiny.accel_profile
+    pessimist = profile.estimator.model_copy(update={"coefficients": {}, "default": [0.0, 0.0]})
+    tiny.accel_profile = profile.model_copy(update={"estimator": pessimist})
+    try:
+        params = GenerationParams.parse(prompt="a red circle on the left", seed=2)
+        guarded = generate(tiny, params, {"target": {"psnr": 20}})
+        unguarded = generate(tiny, params, {"target": {"psnr": 20, "guard": False}})
+    finally:
+        tiny.accel_profile = profile
+    assert guarded.report["target"]["chosen"].startswith("abcache_adaptive")
+    guard = guarded.report["estimate"]["guard"]
+    assert guard["tightened_at_step"] is not None and guard["tolerance_scale"] < 1 and guard["applies"]
+    computed = lambda r: r.report["details"]["abcache_adaptive"]["computed_calls"]
+    assert computed(guarded) > computed(unguarded)
+    assert "guard" not in unguarded.report["estimate"]
+
+
 def test_estimator_fit_recovers_a_linear_relation():
     errors = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]
     samples = [("abcache_adaptive", e, 20 - 8 * np.log10(e + 1e-6)) for e in errors] + [("abcache", 0.0, 100.0)]
