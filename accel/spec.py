@@ -20,6 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from accel.adapters import ADAPTERS, PIPELINE_TASKS
 from accel.base import MethodConfig
+from accel.calibration.profile import Target
 from accel.errors import SpecError, validation_errors
 from accel.methods import APPLICATION_ORDER, METHODS
 from accel.presets import PRESETS
@@ -163,8 +164,6 @@ def _expand(spec: Any) -> list[Any]:
 
 def _target_of(item: Any) -> Any:
     """The `Target` of a target item (`{"target": {...}}`, `{"method": "target", ...}`, `target:psnr=35`), else None."""
-    from accel.calibration.target import Target
-
     if isinstance(item, str) and item.strip().startswith("target:"):
         item = parse_shorthand(item.strip())
     if isinstance(item, dict) and "method" not in item and "target" in item:

@@ -3,7 +3,9 @@
 Each is what `accel calibrate --model <name> --out accel/models/profiles/<name>.json` writes: shapes-flux at 28 steps
 on 8 training captions (its held-out captions stay out of calibration), every random-weight model on 2 generic
 prompts at its default size and steps (those profiles say "random weights": their numbers exercise the machinery,
-they say nothing about a real model). Resumable like the command: rerun after Ctrl-C.
+they say nothing about a real model), except bench-flux (512x512, its transformer dominates: one run takes seconds
+on this CPU), calibrated on one prompt at 10 steps (requests at its default 20 steps fall back to that bucket, with
+a note). Resumable like the command: rerun after Ctrl-C.
 
     .venv/bin/python scripts/calibrate_builtin.py                 # every built-in model without a profile
     .venv/bin/python scripts/calibrate_builtin.py tiny-flux --force
@@ -32,6 +34,10 @@ from accel.loading import load_pipeline  # noqa: E402
 from accel.models.registry import BUILTIN_MODELS  # noqa: E402
 
 
+# models too slow on this CPU for the full default
+REDUCED = {"bench-flux": {"steps": 10, "prompts": ["a red circle on the left"]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", help="built-in names (default: all)")
@@ -50,7 +56,10 @@ def main() -> None:
         except ImportError as exc:  # e.g. Qwen-Image-Edit's processor needs torchvision
             print(f"{name}: skipped, cannot be built here: {exc}", flush=True)
             continue
-        profile = calibrate(pipe, out, model=name, command=f"accel calibrate --model {name} --out "
+        options = REDUCED.get(name, {})
+        flags = "".join(f" --{key} {value}" for key, value in options.items() if key != "prompts")
+        flags += " --prompts <(echo ...)" if "prompts" in options else ""  # the one prompt is in the profile
+        profile = calibrate(pipe, out, model=name, **options, command=f"accel calibrate --model {name}{flags} --out "
                             f"accel/models/profiles/{name}.json")
         bucket = profile.buckets[0]
         print(f"{name}: {len(bucket.settings)} settings at {bucket.describe()}, front {len(bucket.front)}, "

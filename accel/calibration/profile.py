@@ -166,6 +166,27 @@ class Profile(BaseModel):
                 + f". Calibrate this model: accel calibrate --model {name} --out profile.json", field="profile")
 
 
+class Target(BaseModel):
+    """A fidelity target, what `{"target": {...}}` in a spec parses to (resolved by `accel.calibration.target`):
+    exactly one of `psnr` (dB against the un-accelerated output) or `speedup`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    psnr: float | None = Field(None, ge=15.0, le=80.0, description="PSNR the 10th-percentile prompt reaches (dB)")
+    speedup: float | None = Field(None, ge=1.0, le=100.0, description="the most faithful setting at least this fast")
+    guard: bool = Field(True, description="PSNR targets: tighten the schedule when the running estimate falls short")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Target":
+        if (self.psnr is None) == (self.speedup is None):
+            raise ValueError("give exactly one of psnr or speedup")
+        return self
+
+    def shorthand(self) -> str:
+        kind, value = ("psnr", self.psnr) if self.psnr is not None else ("speedup", self.speedup)
+        return f"target:{kind}={value:g}" + ("" if self.guard or self.psnr is None else ",guard=false")
+
+
 # -- fingerprint ---------------------------------------------------------------------------------------------
 def pipeline_class_name(pipe: Any) -> str:
     """The diffusers class of a pipeline (ours are subclasses of it with the same name, made at load)."""

@@ -17,33 +17,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from accel.calibration.profile import Bucket, NoProfileError, Profile, SettingStats, profile_of
+from accel.calibration.profile import Bucket, NoProfileError, Profile, SettingStats, Target, profile_of
+from accel.spec import parse_spec
 
 # documented targets of the OpenAI quality levels (README, "Fidelity targets")
 QUALITY_TO_TARGET: dict[str, dict[str, float]] = {"high": {"psnr": 40.0}, "medium": {"psnr": 35.0},
                                                    "low": {"psnr": 30.0}, "auto": {"psnr": 35.0}}
-
-
-class Target(BaseModel):
-    """A fidelity target: exactly one of `psnr` (dB against the un-accelerated output) or `speedup`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    psnr: float | None = Field(None, ge=15.0, le=80.0, description="PSNR the 10th-percentile prompt reaches (dB)")
-    speedup: float | None = Field(None, ge=1.0, le=100.0, description="the most faithful setting at least this fast")
-    guard: bool = Field(True, description="PSNR targets: tighten the schedule when the running estimate falls short")
-
-    @model_validator(mode="after")
-    def _one(self) -> "Target":
-        if (self.psnr is None) == (self.speedup is None):
-            raise ValueError("give exactly one of psnr or speedup")
-        return self
-
-    def shorthand(self) -> str:
-        kind, value = ("psnr", self.psnr) if self.psnr is not None else ("speedup", self.speedup)
-        return f"target:{kind}={value:g}" + ("" if self.guard or self.psnr is None else ",guard=false")
 
 
 def no_profile_message(name: str) -> str:
@@ -97,8 +76,6 @@ def resolve_target(pipe: Any, target: Target, *, height: int | None = None, widt
                    allowed: Callable[[Any], bool] | None = None) -> Any:
     """The `AccelSpec` that meets `target` on this pipeline's profile, with `target_info` set; `allowed(spec)` may
     refuse settings (the server's allowed methods). Size and steps default to the model's."""
-    from accel.spec import parse_spec
-
     profile = profile_of(pipe)
     if profile is None:
         name = getattr(pipe, "accel_source", None) or type(pipe).__name__
