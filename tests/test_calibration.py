@@ -317,3 +317,21 @@ def _plain(pipe, prompt):
     if prompt not in _CACHE:
         _CACHE[prompt] = generate(pipe, GenerationParams.parse(prompt=prompt, seed=0)).images
     return _CACHE[prompt]
+
+
+def test_cli_calibrates_and_generates_with_a_target(tmp_path, capsys):
+    from accel.cli import main
+
+    out = tmp_path / "p.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    assert main(["calibrate", "--model", "tiny-flux", "--steps", "4", "--prompts", str(prompts),
+                 "--only", "^abcache_adaptive$", "--out", str(out)]) == 0
+    profile = load_profile(out)
+    assert profile.buckets[0].steps == 4 and len(profile.buckets[0].settings) == 9
+    assert profile.command.startswith("accel calibrate --model tiny-flux --prompts")
+    capsys.readouterr()
+    assert main(["generate", "--model", "tiny-flux", "--profile", str(out), "--prompt", "a red circle", "--steps",
+                 "4", "--accel", "target:psnr=30", "--report", "--out", str(tmp_path / "x.png")]) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert report["target"]["bucket"] == "128x128, 4 steps" and "outside" not in report["target"]["note"]

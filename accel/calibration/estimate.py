@@ -136,6 +136,7 @@ class ErrorObserver:
         # what a call computed: attention query projections run (a cache that skips inside blocks, like TaylorSeer,
         # skips these too), else the session's block count
         self.attentions = 0
+        self.failed: str | None = None
         self.handles = [module.register_forward_pre_hook(self._attention)
                         for transformer in session.transformers.values()
                         for name, module in transformer.named_modules() if name.split(".")[-1] == "to_q"]
@@ -163,24 +164,32 @@ class ErrorObserver:
         return (step + 1) / steps
 
     def _share(self, start: int, gap: int, count: int) -> float:
-        """sum over d = 1..count of (d/gap)^2 * dsigma(start + d): the extrapolated steps' share of an error
+        """sum over d = 1..count of (d/gap)^order * dsigma(start + d): the extrapolated steps' share of an error
         observed at distance `gap`."""
         return sum((d / gap) ** self.order * self._dsigma(start + d) for d in range(1, count + 1))
 
     def __call__(self, ctx: Any, call: Any) -> Any:
         before = self._work()
         output = call()
-        computed = self._work() - before
+        if self.failed:  # (checked after the call: the output is never the observer's business)
+            return output
+        try:
+            self._observe(ctx, output, self._work() - before)
+        except Exception as exc:  # noqa: BLE001 - an estimate never fails a request: this call reports none
+            self.failed = f"{type(exc).__name__}: {exc}"
+        return output
+
+    def _observe(self, ctx: Any, output: Any, computed: int) -> None:
         state: ObserverState = self.state.get_state()
         if state not in self.states:
             self.states.append(state)
         state.full = max(state.full, computed)
         if computed == 0 or computed < state.full:
-            return output  # predicted (in whole or in part): judged at the next full step
+            return  # predicted (in whole or in part): judged at the next full step
         sample = unwrap_denoiser_output(output)[0].detach().float()
         step = ctx.step_index
         if state.steps and step <= state.steps[-1]:
-            return output
+            return
         if len(state.values) >= 2:
             t0, t1 = state.steps[-2:]
             v0, v1 = state.values[-2:]
@@ -198,7 +207,6 @@ class ErrorObserver:
             state.error = torch.zeros(sample.shape[0])
         state.steps = (state.steps + [step])[-2:]
         state.values = (state.values + [sample])[-2:]
-        return output
 
     def _accumulated(self, tail: bool) -> torch.Tensor | None:
         errors = []
@@ -214,8 +222,9 @@ class ErrorObserver:
             errors.append(error)
         if not errors:
             return None
-        size = max(e.numel() for e in errors)
-        return torch.stack([e.expand(size) if e.numel() == 1 else e for e in errors]).max(dim=0).values
+        if len({e.numel() for e in errors}) > 1:  # branches of other batch sizes (a batched CFG pass): the worst
+            return torch.stack([e.max() for e in errors]).max().reshape(1)
+        return torch.stack(errors).max(dim=0).values
 
     def _guard(self, step: int) -> None:
         if self.guard_psnr is None or self.method not in GUARDED_METHODS:
@@ -234,11 +243,18 @@ class ErrorObserver:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        error = self._accumulated(tail=True)
-        self.result.error = [] if error is None else [float(e) for e in error]
-        if self.estimator is not None and error is not None:
-            self.result.estimate = [100.0 if e == 0 else self.estimator.predict(self.method, e)
-                                    for e in self.result.error]
+        if self.failed:
+            report.estimate = {"method": self.method, "psnr": None, "unavailable": self.failed}
+            return
+        try:
+            error = self._accumulated(tail=True)
+            self.result.error = [] if error is None else [float(e) for e in error]
+            if self.estimator is not None and error is not None:
+                self.result.estimate = [100.0 if e == 0 else self.estimator.predict(self.method, e)
+                                        for e in self.result.error]
+        except Exception as exc:  # noqa: BLE001 - as in __call__
+            report.estimate = {"method": self.method, "psnr": None, "unavailable": f"{type(exc).__name__}: {exc}"}
+            return
         report.estimate = self.result.as_dict()
         records = _RECORDING.get()
         if records is not None:
