@@ -75,7 +75,8 @@ def run_heldout(args) -> dict:
         print(f"{i + 1}/{len(prompts)} ({time.perf_counter() - started:.0f} s): {prompt}", flush=True)
     counter.remove()
     return {"model": "shapes-flux", "prompts": prompts, "seed": args.seed, "targets": list(args.targets),
-            "command": "python scripts/bench_targets.py heldout" + (f" --prompts {args.prompts}" if args.prompts else ""),
+            "command": "python scripts/bench_targets.py heldout"
+            + (f" --prompts {args.prompts}" if args.prompts else ""),
             "seconds": round(time.perf_counter() - started), "rows": rows, "summary": summarise(rows, args.targets)}
 
 

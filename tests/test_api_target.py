@@ -2,8 +2,6 @@
 naming how to calibrate for a model without a profile, calibration on first load with progress on /ready, and the
 estimate metric."""
 
-import json
-import shutil
 import threading
 import time
 

@@ -253,7 +253,8 @@ def _profile(model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], s
     front = [p["spec"] for p in pareto(points)]
     plain = [v for v in state["plain_adherence"].values() if v is not None]
     bucket = Bucket(height=setup["height"], width=setup["width"], frames=setup["frames"], steps=setup["steps"],
-                    prompts=setup["prompts"], seed=setup["seed"], plain_adherence=float(np.mean(plain)) if plain else None,
+                    prompts=setup["prompts"], seed=setup["seed"],
+                    plain_adherence=float(np.mean(plain)) if plain else None,
                     settings=settings, front=front)
     device = (f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))" if not torch.cuda.is_available()
               else torch.cuda.get_device_name(0))

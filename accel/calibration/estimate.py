@@ -8,10 +8,11 @@ two fully computed denoiser outputs of each branch and, at each fully computed s
 
     err = mean |L(s) - out(s)| / mean |out(s)|,     L = the linear extrapolation from the last two computed outputs
 
-(AB-Cache's order-2 prediction, the same one for `abcache` and `abcache_adaptive`). A call is fully computed when it
-runs as many attention computations (`to_q`) as the branch's most, so caches that skip inside blocks count too. The predictions the cache made
-at distances d = 1 .. g-1 were off by about err (d/g)^2 (a linear extrapolation's error grows with the square of
-the distance), and a velocity error moves the latent by that times the step's sigma decrement, so the call's
+(AB-Cache's order-2 prediction, the same one for `abcache` and `abcache_adaptive`; the plain reuse of an order-1
+cache, whose error grows linearly, is measured as reuse and fitted apart). A call is fully computed when it runs as
+many attention computations (`to_q`) as the branch's most, so caches that skip inside blocks count too. The
+predictions the cache made at distances d = 1 .. g-1 were off by about err (d/g)^2 (a linear extrapolation's error
+grows with the square of the distance), and a velocity error moves the latent by that times the step's sigma decrement, so the call's
 accumulated error is
 
     E = sum over gaps of err * sum_{d=1..g-1} (d/g)^2 * dsigma(d)
