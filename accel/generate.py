@@ -33,7 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from accel import accelerate
-from accel.adapters import PIPELINE_MAX_IMAGES, adapter_for, pipeline_tasks
+from accel.adapters import adapter_for, pipeline_max_images, pipeline_tasks
 from accel.errors import GenerationParamsError, validation_errors
 from accel.loading import ModelDefaults
 from accel.lora import LORA_SCALE_RANGE, MAX_LORAS_PER_REQUEST, LoraRef, lora_names, lora_set
@@ -135,20 +135,13 @@ class ModelInfo:
         return not TEXT_TASKS & set(self.tasks)
 
 
-def _max_images(pipe: Any) -> int:
-    for cls in type(pipe).__mro__:  # loaded pipelines are subclasses of the diffusers class
-        if cls.__name__ in PIPELINE_MAX_IMAGES:
-            return PIPELINE_MAX_IMAGES[cls.__name__]
-    return 1
-
-
 def model_info(pipe: Any) -> ModelInfo:
     adapter = adapter_for(pipe)
     tasks = tuple(pipeline_tasks(pipe))
     return ModelInfo(
         task=tasks[0],
         tasks=tasks,
-        max_images=_max_images(pipe) if IMAGE_TASKS & set(tasks) else 0,
+        max_images=pipeline_max_images(pipe) if IMAGE_TASKS & set(tasks) else 0,
         family=adapter.family,
         defaults=getattr(pipe, "accel_defaults", None) or ModelDefaults(),
         size_multiple=adapter.size_multiple(pipe),
