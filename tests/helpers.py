@@ -36,3 +36,11 @@ def registries_empty(module: torch.nn.Module) -> bool:
         if registry is not None and registry.hooks:
             return False
     return getattr(module, "_cache_config", None) is None
+
+
+def assert_eval_fp32(pipe) -> None:
+    """Every module of a built pipeline is in eval mode (no dropout) and fp32."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            assert not component.training
+            assert all(p.dtype == torch.float32 for p in component.parameters())

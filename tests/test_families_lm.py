@@ -15,6 +15,7 @@ from accel.models.pipelines import own_memory, prepare
 from accel.models.qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit
 from accel.models.registry import RANDOM_MODELS
 from accel.models.zimage import build_tiny_zimage
+from helpers import assert_eval_fp32
 
 IMAGE = dict(height=64, width=64, num_inference_steps=2)
 VIDEO = dict(height=64, width=64, num_frames=5, num_inference_steps=2)
@@ -85,10 +86,7 @@ def same_weights(a, b):
 @pytest.mark.parametrize("name", NAMES)
 def test_builds_and_generates_deterministically(pipes, name):
     pipe = get(pipes, name)
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            assert not component.training
-            assert all(p.dtype == torch.float32 for p in component.parameters())
+    assert_eval_fp32(pipe)
     first = run(pipe, name)
     assert first.shape == CASES[name][4] and np.isfinite(first).all()
     assert np.array_equal(first, run(pipe, name))

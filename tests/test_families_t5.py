@@ -13,6 +13,7 @@ from accel.models.ltx import build_tiny_ltx, build_tiny_ltx_i2v
 from accel.models.pixart import build_tiny_pixart
 from accel.models.registry import RANDOM_MODELS
 from accel.models.wan22 import build_tiny_wan22, build_tiny_wan22_i2v
+from helpers import assert_eval_fp32
 
 BUILDERS = {
     "tiny-wan22": build_tiny_wan22,
@@ -77,10 +78,7 @@ def expected_shape(name):
 @pytest.mark.parametrize("name", BUILDERS)
 def test_builds_and_generates_deterministically_per_seed(pipes, name):
     pipe = pipes[name]
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            assert not component.training
-            assert all(p.dtype == torch.float32 for p in component.parameters())
+    assert_eval_fp32(pipe)
     first = run(pipe, name)
     assert first.shape == expected_shape(name) and np.isfinite(first).all() and first.std() > 0
     assert np.array_equal(first, run(pipe, name))  # same pipeline, fresh generator

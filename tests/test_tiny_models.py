@@ -9,7 +9,7 @@ from diffusers import DiffusionPipeline
 from accel.models.pipelines import own_memory
 from accel.models.registry import RANDOM_MODELS as BUILTIN_MODELS
 from accel.models.registry import BuiltinModel, build_pipeline
-from helpers import CFG
+from helpers import CFG, assert_eval_fp32
 from helpers import SMALL as HELPER_SMALL
 
 TINY = ("tiny-flux", "tiny-wan", "tiny-sd3")
@@ -66,10 +66,7 @@ def test_unknown_name_lists_known_names():
 @pytest.mark.parametrize("name", TINY)
 def test_builds_generates_deterministically(pipes, name):
     pipe = pipes[name]
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            assert not component.training
-            assert all(p.dtype == torch.float32 for p in component.parameters())
+    assert_eval_fp32(pipe)
     first = run(pipe, name)
     expected = (1, 5, 32, 32, 3) if name == "tiny-wan" else (1, 64, 64, 3)
     assert first.shape == expected and np.isfinite(first).all()
