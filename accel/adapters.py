@@ -85,6 +85,11 @@ class ModelAdapter:
         scale = self._guidance_scale(pipe, call_kwargs, timestep)
         return None if scale is None else scale + self.guidance_offset
 
+    def runs_cfg(self, pipe: Any, call_kwargs: dict[str, Any] | None) -> bool:
+        """Whether the running call combines a conditional and an unconditional prediction (the same rule as
+        `cfg_scale`; the timestep only picks Wan 2.2's scale)."""
+        return self._guidance_scale(pipe, call_kwargs, 1000.0) is not None
+
     def _guidance_scale(self, pipe: Any, call_kwargs: dict[str, Any] | None, timestep: float) -> float | None:
         if self.guidance == "true_cfg":
             if call_kwargs is None:
@@ -100,7 +105,7 @@ class ModelAdapter:
             guider = getattr(pipe, "guider", None)
             enabled = guider is not None and getattr(guider, "_enabled", True) and guider.num_conditions > 1
             return float(guider.guidance_scale) if enabled else None
-        scale = pipe.guidance_scale if call_kwargs is None else call_kwargs.get("guidance_scale")
+        scale = getattr(pipe, "guidance_scale", None) if call_kwargs is None else call_kwargs.get("guidance_scale")
         if scale is None:
             return None
         if hasattr(type(pipe), "do_classifier_free_guidance"):
@@ -117,10 +122,7 @@ class ModelAdapter:
 
     def timestep_of(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         """The timestep a transformer call was given (by keyword or by position in its `forward`)."""
-        if self.timestep_argument in kwargs:
-            return kwargs[self.timestep_argument]
-        index = _positions(type(transformer).forward).get(self.timestep_argument)
-        return args[index] if index is not None and index < len(args) else None
+        return call_argument(type(transformer).forward, self.timestep_argument, args, kwargs)
 
     def size_multiple(self, pipe: Any) -> int:
         """Height and width must be multiples of this: the VAE's spatial factor times the latent patch."""
@@ -142,6 +144,15 @@ def _config(obj: Any, name: str, default: Any) -> Any:
 def _positions(function: Any) -> dict[str, int]:
     """Argument name -> position in a call of the method `function` on an instance (self excluded)."""
     return {name: i for i, name in enumerate(list(inspect.signature(function).parameters)[1:])}
+
+
+def call_argument(function: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value of argument `name` in a call `instance.function(*args, **kwargs)`, by keyword or by position;
+    None when the call does not give it."""
+    if name in kwargs:
+        return kwargs[name]
+    index = _positions(function).get(name)
+    return args[index] if index is not None and index < len(args) else None
 
 
 ADAPTERS: dict[str, ModelAdapter] = {
@@ -357,15 +368,11 @@ class BlockIO:
             except ValueError as exc:
                 raise UnsupportedModelError(f"block class {type(block).__name__} is not registered with diffusers") from exc
         self.meta: TransformerBlockMetadata = meta
-        params = list(inspect.signature(type(block).forward).parameters)[1:]
-        self._index = {name: i for i, name in enumerate(params)}
+        self._forward = type(block).forward
         self.has_encoder_stream = self.meta.return_encoder_hidden_states_index is not None
 
     def _arg(self, name: str, args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        index = self._index.get(name)
-        return args[index] if index is not None and index < len(args) else None
+        return call_argument(self._forward, name, args, kwargs)
 
     def inputs(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden_states, encoder_hidden_states or None) as passed to the block."""

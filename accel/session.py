@@ -290,11 +290,7 @@ class StepTracker:
         return f"extra{self.order - first_extra + 1}", "extra"
 
     def _cfg_active(self) -> bool:
-        session = self.session
-        pipe = session.pipe
-        if hasattr(type(pipe), "do_classifier_free_guidance"):
-            return bool(pipe.do_classifier_free_guidance)
-        return session.adapter.cfg_scale(pipe, session.call_kwargs, 1000.0) is not None
+        return self.session.adapter.runs_cfg(self.session.pipe, self.session.call_kwargs)
 
 
 # the cache-context names diffusers pipelines give their transformer calls -> the call's guidance role
