@@ -97,11 +97,15 @@ def extrapolate(times: list[float], values: list[torch.Tensor], target: float) -
     return result
 
 
+def relative_errors(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per batch item (first dimension): mean |value - reference| / mean |reference|."""
+    diff = (value - reference).abs().flatten(1).mean(dim=1)
+    return diff / reference.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
+
+
 def relative_error(prediction: torch.Tensor, partner: torch.Tensor) -> float:
     """The largest item's mean |prediction - partner| / mean |prediction| (batch = first dimension)."""
-    diff = (prediction - partner).abs().flatten(1).mean(dim=1)
-    scale = prediction.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
-    return float((diff / scale).max())
+    return float(relative_errors(partner, prediction).max())
 
 
 class AdaptiveABCacheCallHook:

@@ -40,6 +40,7 @@ import torch
 from diffusers.hooks.hooks import BaseState
 
 from accel.adapters import unwrap_denoiser_output
+from accel.caching.abcache_adaptive import relative_errors
 from accel.calibration.profile import Estimator
 
 EPS = 1e-6
@@ -195,8 +196,7 @@ class ErrorObserver:
             t0, t1 = state.steps[-2:]
             v0, v1 = state.values[-2:]
             prediction = v1 if self.order == 1 else v1 + (v1 - v0) * ((step - t1) / (t1 - t0))
-            diff = (prediction - sample).abs().flatten(1).mean(dim=1)
-            err = diff / sample.abs().flatten(1).mean(dim=1).clamp_min(1e-12)
+            err = relative_errors(prediction, sample)
             gap = step - t1
             share = self._share(t1, gap, gap - 1)
             state.error = err * share if state.error is None else state.error + err * share
