@@ -42,32 +42,12 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from accel.eval.frontier import AttentionCounter, pareto  # noqa: E402  (shared with accel.calibration)
+from accel.eval.frontier import AttentionCounter, LinearMacCounter, pareto  # noqa: E402  (shared with accel.calibration)
 from accel.eval.metrics import psnr  # noqa: E402
 from accel.eval.shapes_captions import HELDOUT_TRIPLES, parse_caption  # noqa: E402
 from accel.generate import GenerationParams, generate  # noqa: E402
 from accel.loading import load_pipeline  # noqa: E402
 from accel.spec import parse_spec  # noqa: E402
-
-class LinearMacCounter:
-    """Multiply-accumulates of every `nn.Linear` call of the transformers (projections, MLPs, modulation): the
-    compute a cache really saves. A method that skips attention but still runs the MLPs (diffusers' TaylorSeer caches
-    attention outputs only) does less attention work than linear work; the attention products (L^2 d) are not
-    counted here, so this undercounts attention-only skipping slightly in its favour."""
-
-    def __init__(self, pipe):
-        self.macs = 0
-        self.handles = []
-        for name in ("transformer", "transformer_2"):
-            model = getattr(pipe, name, None)
-            for module in (model.modules() if model is not None else ()):
-                if isinstance(module, torch.nn.Linear):
-                    self.handles.append(module.register_forward_pre_hook(self._hit))
-
-    def _hit(self, module, args):
-        rows = args[0].numel() // module.in_features
-        self.macs += rows * module.in_features * module.out_features
-
 
 TARGETS = (30.0, 35.0, 40.0, 45.0, 50.0)
 REQUIRED_RATIO = 1.3
