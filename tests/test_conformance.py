@@ -303,7 +303,10 @@ PAIRS = [("s2:interval=[0,1]", "abcache:warmup=1,interval=2"), ("s2:interval=[0,
          ("sparse_attention:block_size=16,dense_steps=1,sparsity=0.5,backend=reference", "s2:interval=[0,1]")]
 
 
-@pytest.mark.parametrize("variant", ["flux-t2i-truecfg", "flux-img2img-truecfg", "sd3-cfg-slg", "wan22-cfg"])
+# not Z-Image (its plain batched call is not reproducible from one call to the next in diffusers 0.42.1) nor
+# HunyuanVideo 1.5 (its plain pipeline fails with several videos per prompt)
+@pytest.mark.parametrize("variant", ["flux-t2i-truecfg", "flux-img2img-truecfg", "sd3-cfg-slg", "wan22-cfg",
+                                     "qwen-image-truecfg", "ltx-cfg"])
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda pair: "+".join(p.split(":")[0] for p in pair))
 def test_pairs_with_batches(load, variant, pair):
     """Pairs of composable methods on batches (2 prompts x 2 images each): no exception, counts add up, the
@@ -314,7 +317,7 @@ def test_pairs_with_batches(load, variant, pair):
     stack = next(iter(AccelSession(pipe, []).stacks))
     spec = [p.replace("BLOCK", f'"{stack}.1"') for p in pair]
     batch = dict(prompt=["a red circle on the left", "a blue square at the top"], num_images_per_prompt=2)
-    if variant.startswith("wan"):
+    if "num_frames" in VARIANTS[variant][2]:  # video pipelines count outputs per prompt as videos
         batch = dict(prompt=batch["prompt"], num_videos_per_prompt=2)
     kwargs = dict(VARIANTS[variant][2], num_inference_steps=STEPS, output_type="np", **batch)
     if "negative_prompt" in kwargs:
