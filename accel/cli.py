@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an extra setting to measure, e.g. a stack 'abcache_adaptive;sparse_attention' (repeatable)")
     calib.add_argument("--only", default=None, metavar="REGEX", help="keep only the sweep's lines matching REGEX")
     calib.add_argument("--plain-every", type=int, default=6, help="a plain run for timing every N settings")
+    calib.add_argument("--lora", action="append", default=[], metavar="NAME[=SCALE]",
+                       help="calibrate with this LoRA adapter of the model active (repeatable): requests with exactly "
+                            "this adapter set use the profile; others fall back to the base model's")
     calib.add_argument("--out", required=True, help="profile file to write (JSON)")
 
     sub.add_parser("models", help="list the built-in models")
@@ -307,12 +310,13 @@ def cmd_calibrate(args) -> int:
     if not sweep:
         raise SystemExit("error: --only left no setting to measure")
     options = [("--prompts", args.prompts), ("--steps", args.steps), ("--seed", args.seed or None),
-               ("--only", args.only), *(("--spec", spec) for spec in args.spec)]
+               ("--only", args.only), *(("--spec", spec) for spec in args.spec),
+               *(("--lora", item) for item in args.lora)]
     command = f"accel calibrate --model {args.model} " + "".join(f"{k} {v!r} " if k in ("--only", "--spec") else
                                                           f"{k} {v} " for k, v in options if v) + f"--out {args.out}"
     try:
         profile = calibrate(pipe, args.out, model=args.model, prompts=prompts, steps=args.steps, seed=args.seed,
-                            sweep=sweep, plain_every=args.plain_every, command=command)
+                            sweep=sweep, plain_every=args.plain_every, command=command, lora=_lora(args))
     except KeyboardInterrupt:
         print(f"interrupted: no profile written; progress kept in {state_path(args.out)} (run the same command "
               "again to resume)", file=sys.stderr)

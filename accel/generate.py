@@ -395,7 +395,8 @@ def resolve_request_target(pipe: Any, spec: AccelSpec, params: GenerationParams,
         return spec
     params = resolve_params(pipe, params)
     return resolve_target(pipe, spec.target, height=params.height, width=params.width,
-                          steps=params.num_inference_steps, frames=params.num_frames, allowed=allowed)
+                          steps=params.num_inference_steps, frames=params.num_frames, allowed=allowed,
+                          lora=params.lora)
 
 
 def generate(

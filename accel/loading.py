@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from accel.adapters import adapter_for
-from accel.calibration.profile import attach_builtin_profile, attach_profile
+from accel.calibration.profile import attach_builtin_profile, attach_profile, profile_of
 from accel.errors import AccelError, ModelNotFoundError
 from accel.lora import load_loras
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
@@ -118,7 +118,7 @@ def load_pipeline(
     prune_plans: dict[str, str | Path] | None = None,
     loras: dict[str, str | Path] | None = None,
     builtin_loras: bool = True,
-    profile: str | Path | None = None,
+    profile: str | Path | Sequence[str | Path] | None = None,
 ):
     """A ready pipeline for `source`: a built-in name, a local diffusers directory, or a hub id.
 
@@ -129,9 +129,10 @@ def load_pipeline(
     checked against the (possibly pruned) model now. `loras` ({name: LoRA file or directory}) are the LoRA adapters
     calls may activate by name (`GenerationParams.lora`), loaded now (a file that does not fit the model is an
     `AccelError` naming it) and disabled; a built-in model's own adapters (`BuiltinModel.loras`) come first unless
-    `builtin_loras` is False. `pipe.accel_loras` lists them. `profile` (from `accel calibrate`) is checked against
-    the model's fingerprint and attached (`pipe.accel_profile`) for fidelity targets; a built-in model gets its
-    shipped profile (`accel/models/profiles/<name>.json`) when that matches the loaded weights.
+    `builtin_loras` is False. `pipe.accel_loras` lists them. `profile` (from `accel calibrate`; or several: the base
+    model's and one per LoRA adapter set) is checked against the model's fingerprint and attached for fidelity
+    targets; a built-in model without a base profile given gets its shipped one (`accel/models/profiles/<name>.json`)
+    when that matches the loaded weights.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -168,9 +169,9 @@ def load_pipeline(
     elif prune_ratio:
         raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
     load_plans(pipe, prune_plans or {})
-    if profile is not None:  # a calibrated profile for fidelity targets: refused when calibrated on another model
-        attach_profile(pipe, profile)
-    elif source in BUILTIN_MODELS:
+    for one in [] if profile is None else [profile] if isinstance(profile, (str, Path)) else profile:
+        attach_profile(pipe, one)  # calibrated profiles for fidelity targets: refused when calibrated on another model
+    if source in BUILTIN_MODELS and profile_of(pipe) is None:
         attach_builtin_profile(pipe, source)  # the shipped profile, when it matches these weights
     if compile:
         compile_blocks(pipe)

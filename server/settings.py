@@ -46,8 +46,10 @@ class ModelSettings(BaseModel):
         "requests name them (`lora: [{\"name\": ..., \"scale\": ...}]`), never a path")
     builtin_loras: bool = Field(True, description="also offer a built-in model's own adapters (shapes-flux: star)")
     compile: bool = False
-    profile: str | None = Field(None, description="calibrated profile file (`accel calibrate`) for fidelity targets; "
-                                "refused at start-up when calibrated on another model")
+    profile: str | list[str] | None = Field(None, description="calibrated profile file(s) (`accel calibrate`) for "
+                                            "fidelity targets: the base model's, and one per LoRA adapter set "
+                                            "(`accel calibrate --lora ...`); refused at start-up when calibrated on "
+                                            "another model or with adapters the model does not offer")
     calibrate: bool = Field(False, description="calibrate the model on first load when no profile fits it (cached "
                             "under calibration_dir; /ready says 'calibrating' with progress meanwhile)")
     calibration_prompts: str | None = Field(None, description="file of calibration prompts (default: built-in ones)")

@@ -335,3 +335,30 @@ def test_cli_calibrates_and_generates_with_a_target(tmp_path, capsys):
                  "4", "--accel", "target:psnr=30", "--report", "--out", str(tmp_path / "x.png")]) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert report["target"]["bucket"] == "128x128, 4 steps" and "outside" not in report["target"]["note"]
+
+
+def test_a_lora_adapter_set_gets_its_own_profile_else_the_base_ones_with_a_note(tmp_path):
+    """Issue 19: profiles per (model, adapter set), or the base model's with a note in the response."""
+    from accel.cli import main
+
+    out, prompts = tmp_path / "star.json", tmp_path / "prompts.txt"
+    prompts.write_text("a red star on the left\n")
+    assert main(["calibrate", "--model", "shapes-flux", "--steps", "4", "--prompts", str(prompts),
+                 "--only", "^abcache_adaptive$", "--lora", "star=1", "--out", str(out)]) == 0
+    profile = load_profile(out)
+    assert [(ref.name, ref.scale) for ref in profile.lora] == [("star", 1.0)] and "--lora star=1" in profile.command
+    pipe = load_pipeline("shapes-flux", profile=[out])
+    assert pipe.accel_profile is not None and pipe.accel_profile.lora == [], "the shipped base profile stays"
+
+    def target(lora):
+        params = GenerationParams.parse(prompt="a red star on the left", seed=0, num_inference_steps=4, lora=lora)
+        return generate(pipe, params, {"target": {"psnr": 30}}).report["target"]
+
+    own = target([{"name": "star", "scale": 1.0}])
+    assert own["bucket"] == "128x128, 4 steps" and "LoRA" not in (own["note"] or "")
+    other = target([{"name": "star", "scale": 0.5}])
+    assert "no profile calibrated with LoRA star=0.5" in other["note"] and other["bucket"] != own["bucket"]
+    base = target([])
+    assert base["bucket"] == other["bucket"] and "LoRA" not in (base["note"] or "")
+    with pytest.raises(ProfileError, match="calibrated with LoRA adapter\\(s\\) star"):
+        load_pipeline("shapes-flux", builtin_loras=False, profile=[out])

@@ -121,9 +121,12 @@ def calibrate(
     command: str = "",
     progress: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    lora: list[Any] | None = None,
 ) -> Profile:
     """Calibrate `pipe` at its default size (`steps`: the model's default), write the profile to `out` and return
-    it; resumes from `<out>.progress.json` when a previous run of the same calibration was interrupted."""
+    it; resumes from `<out>.progress.json` when a previous run of the same calibration was interrupted. `lora`
+    (adapters the model was loaded with, as a request names them): every run uses that set, and the profile is the
+    one requests with exactly that set get (`accel.calibration.profile.profile_for`)."""
     from accel.generate import GenerationParams, generate, model_info, resolve_params
     from accel.models.registry import RANDOM_MODELS
 
@@ -135,10 +138,10 @@ def calibrate(
         parse_spec(spec)  # every spec validates before the first run
     images = [_input_image(info)] if info.needs_image else []
     base = resolve_params(pipe, GenerationParams.parse(prompt=prompts[0], seed=seed, num_inference_steps=steps,
-                                                       images=images))
+                                                       images=images, lora=lora or []))
     setup = {"model": model, "prompts": prompts, "steps": base.num_inference_steps, "seed": seed,
              "height": base.height, "width": base.width, "frames": base.num_frames,
-             "sweep": [spec for _, spec in sweep]}
+             "sweep": [spec for _, spec in sweep], "lora": [ref.model_dump() for ref in base.lora]}
     mark = fingerprint(pipe)
     state = _load_state(out, mark.model_dump(), setup)
     runs: dict[str, dict[str, dict]] = state["runs"]
@@ -155,7 +158,7 @@ def calibrate(
 
         def run(prompt: str, spec: str | None) -> tuple[np.ndarray, int, float, list[dict]]:
             params = GenerationParams.parse(prompt=prompt, seed=seed, num_inference_steps=setup["steps"],
-                                            images=images)
+                                            images=images, lora=setup["lora"])
             counter.count = 0
             with recording() as records:
                 result = generate(pipe, params, spec)
@@ -261,4 +264,4 @@ def _profile(model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], s
     return Profile(model=model, fingerprint=mark, random_weights=random_weights,
                    note=RANDOM_NOTE if random_weights else "", command=command, device=device,
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   buckets=[bucket], estimator=fit_estimator(samples))
+                   buckets=[bucket], estimator=fit_estimator(samples), lora=setup.get("lora", []))

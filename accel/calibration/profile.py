@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accel.errors import AccelError, validation_errors
+from accel.lora import LoraRef, lora_names
 
 PROFILE_FORMAT = "accel-profile/1"
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "models" / "profiles"  # built-in models' profiles (package data)
@@ -151,6 +152,11 @@ class Profile(BaseModel):
     created: str = ""
     buckets: list[Bucket] = Field(..., min_length=1)
     estimator: Estimator | None = None
+    lora: list[LoraRef] = Field(default_factory=list, description="the LoRA adapter set it was calibrated with "
+                                "([]: the base model); a request with exactly this set uses it")
+
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        return lora_key(self.lora)
 
     # -- checks ----------------------------------------------------------------------------------------------
     def check(self, pipe: Any, source: str = "profile") -> None:
@@ -279,12 +285,21 @@ def builtin_profile_path(name: str) -> Path:
 
 
 def attach_profile(pipe: Any, profile: Profile | str | Path, *, source: str | None = None) -> Profile:
-    """Check `profile` against the pipeline and attach it (`pipe.accel_profile`), for targets and estimates."""
+    """Check `profile` against the pipeline and attach it, for targets and estimates: the base model's as
+    `pipe.accel_profile`, one calibrated with a LoRA adapter set in `pipe.accel_lora_profiles` (by that set)."""
     if not isinstance(profile, Profile):
         source = source or f"profile {profile}"
         profile = load_profile(profile)
     profile.check(pipe, source or "profile")
-    pipe.accel_profile = profile
+    if not profile.lora:
+        pipe.accel_profile = profile
+        return profile
+    missing = [ref.name for ref in profile.lora if ref.name not in lora_names(pipe)]
+    if missing:
+        raise ProfileError(f"{source or 'profile'}: calibrated with LoRA adapter(s) {', '.join(missing)} that this "
+                           f"model was not loaded with (it offers: {', '.join(lora_names(pipe)) or 'none'})",
+                           field="profile")
+    pipe.__dict__.setdefault("accel_lora_profiles", {})[profile.lora_key()] = profile
     return profile
 
 
@@ -302,4 +317,23 @@ def attach_builtin_profile(pipe: Any, name: str) -> Profile | None:
 
 
 def profile_of(pipe: Any) -> Profile | None:
+    """The base model's profile (no LoRA adapters)."""
     return getattr(pipe, "accel_profile", None)
+
+
+def lora_key(refs: Any) -> tuple[tuple[str, float], ...]:
+    """An adapter set as ((name, scale), ...) in name order: the same set however a request orders it."""
+    return tuple(sorted((ref.name, float(ref.scale)) for ref in refs))
+
+
+def profile_for(pipe: Any, lora: Any = ()) -> tuple[Profile | None, str | None]:
+    """The profile calibrated with this adapter set (LoraRef list), else the base model's with a note saying so."""
+    key = lora_key(lora)
+    if not key:
+        return profile_of(pipe), None
+    own = getattr(pipe, "accel_lora_profiles", {}).get(key)
+    if own is not None:
+        return own, None
+    described = ", ".join(f"{name}={scale:g}" for name, scale in key)
+    return profile_of(pipe), (f"no profile calibrated with LoRA {described}: chosen on the base model's profile "
+                              f"(calibrate one with `accel calibrate --lora {' --lora '.join(described.split(', '))}`)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from accel.calibration.profile import Bucket, NoProfileError, Profile, SettingStats, Target, profile_of
+from accel.calibration.profile import Bucket, NoProfileError, Profile, SettingStats, Target, profile_for
 from accel.spec import parse_spec
 
 # documented targets of the OpenAI quality levels (README, "Fidelity targets")
@@ -73,10 +73,11 @@ def choose_setting(bucket: Bucket, target: Target,
 
 def resolve_target(pipe: Any, target: Target, *, height: int | None = None, width: int | None = None,
                    steps: int | None = None, frames: int | None = None,
-                   allowed: Callable[[Any], bool] | None = None) -> Any:
+                   allowed: Callable[[Any], bool] | None = None, lora: Any = ()) -> Any:
     """The `AccelSpec` that meets `target` on this pipeline's profile, with `target_info` set; `allowed(spec)` may
-    refuse settings (the server's allowed methods). Size and steps default to the model's."""
-    profile = profile_of(pipe)
+    refuse settings (the server's allowed methods). Size and steps default to the model's. `lora` (the request's adapters)
+    picks the profile calibrated with that set, else the base model's with a note."""
+    profile, lora_note = profile_for(pipe, lora)
     if profile is None:
         name = getattr(pipe, "accel_source", None) or type(pipe).__name__
         raise NoProfileError(no_profile_message(name), field="acceleration.target")
@@ -88,7 +89,7 @@ def resolve_target(pipe: Any, target: Target, *, height: int | None = None, widt
     check = None if allowed is None else (lambda s: allowed(parse_spec(s.spec)))
     chosen, note = choose_setting(bucket, target, check)
     spec = parse_spec(chosen.spec)
-    notes = [n for n in (note, bucket_note) if n]
+    notes = [n for n in (note, bucket_note, lora_note) if n]
     if profile.random_weights:
         notes.append("profile calibrated on random weights")
     guard = target.guard and target.psnr is not None
