@@ -18,7 +18,7 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_dispatch import AttentionBackendName
 
 from accel.adapters import adapter_for
-from accel.calibration.profile import attach_builtin_profile, attach_profile, profile_of
+from accel.calibration.profile import attach_builtin_profile, attach_profile
 from accel.errors import AccelError, ModelNotFoundError
 from accel.lora import load_loras
 from accel.models.pipelines import DEFAULTS_FILE, ModelDefaults, own_memory, prepare, read_defaults, with_defaults
@@ -131,8 +131,8 @@ def load_pipeline(
     `AccelError` naming it) and disabled; a built-in model's own adapters (`BuiltinModel.loras`) come first unless
     `builtin_loras` is False. `pipe.accel_loras` lists them. `profile` (from `accel calibrate`; or several: the base
     model's and one per LoRA adapter set) is checked against the model's fingerprint and attached for fidelity
-    targets; a built-in model without a base profile given gets its shipped one (`accel/models/profiles/<name>.json`)
-    when that matches the loaded weights.
+    targets; a built-in model first gets its shipped ones (`accel/models/profiles/<name>[+<adapter>].json`) when they
+    match the loaded weights, and a given profile replaces the shipped one of its adapter set.
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
@@ -169,10 +169,10 @@ def load_pipeline(
     elif prune_ratio:
         raise AccelError("prune_ratio: needs prune_plan (a plan file from `accel prune calibrate`)")
     load_plans(pipe, prune_plans or {})
+    if source in BUILTIN_MODELS:
+        attach_builtin_profile(pipe, source)  # the shipped profiles, when they match these weights
     for one in [] if profile is None else [profile] if isinstance(profile, (str, Path)) else profile:
-        attach_profile(pipe, one)  # calibrated profiles for fidelity targets: refused when calibrated on another model
-    if source in BUILTIN_MODELS and profile_of(pipe) is None:
-        attach_builtin_profile(pipe, source)  # the shipped profile, when it matches these weights
+        attach_profile(pipe, one)  # given profiles replace shipped ones; refused when calibrated on another model
     if compile:
         compile_blocks(pipe)
     return pipe

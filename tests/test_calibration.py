@@ -362,3 +362,17 @@ def test_a_lora_adapter_set_gets_its_own_profile_else_the_base_ones_with_a_note(
     assert base["bucket"] == other["bucket"] and "LoRA" not in (base["note"] or "")
     with pytest.raises(ProfileError, match="calibrated with LoRA adapter\\(s\\) star"):
         load_pipeline("shapes-flux", builtin_loras=False, profile=[out])
+    data = json.loads(out.read_text())
+    data["lora_weights"] = "0" * 32  # another version of the adapter
+    out.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match="other weights of LoRA adapter\\(s\\) star"):
+        load_pipeline("shapes-flux", profile=[out])
+
+
+def test_the_star_adapter_ships_its_own_profile():
+    pipe = _shapes_flux()  # without its adapters: the star profile is not attached
+    assert not getattr(pipe, "accel_lora_profiles", {})
+    with_star = load_pipeline("shapes-flux")
+    profile = with_star.accel_lora_profiles[(("star", 1.0),)]
+    assert profile.buckets[0].steps == 28 and all("star" in p for p in profile.buckets[0].prompts)
+    assert with_star.accel_profile.lora == []

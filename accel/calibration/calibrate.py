@@ -33,6 +33,7 @@ from accel.calibration.profile import (
     Profile,
     ProfileError,
     SettingStats,
+    adapters_hash,
     atomic_write_json,
     fingerprint,
     save_profile,
@@ -141,7 +142,8 @@ def calibrate(
                                                        images=images, lora=lora or []))
     setup = {"model": model, "prompts": prompts, "steps": base.num_inference_steps, "seed": seed,
              "height": base.height, "width": base.width, "frames": base.num_frames,
-             "sweep": [spec for _, spec in sweep], "lora": [ref.model_dump() for ref in base.lora]}
+             "sweep": [spec for _, spec in sweep], "lora": [ref.model_dump() for ref in base.lora],
+             "lora_weights": adapters_hash(pipe, [ref.name for ref in base.lora]) if base.lora else None}
     mark = fingerprint(pipe)
     state = _load_state(out, mark.model_dump(), setup)
     runs: dict[str, dict[str, dict]] = state["runs"]
@@ -229,7 +231,7 @@ def _adherence_scorer(prompts: list[str]) -> Callable[[np.ndarray, str], float] 
 
     try:
         for prompt in prompts:
-            parse_caption(prompt)
+            parse_caption(prompt, extended=True)  # also the built-in adapters' words (star)
     except ValueError:
         return None
     return lambda frames, prompt: float(np.mean([score(frame, prompt).all_correct for frame in frames]))
@@ -264,4 +266,5 @@ def _profile(model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], s
     return Profile(model=model, fingerprint=mark, random_weights=random_weights,
                    note=RANDOM_NOTE if random_weights else "", command=command, device=device,
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   buckets=[bucket], estimator=fit_estimator(samples), lora=setup.get("lora", []))
+                   buckets=[bucket], estimator=fit_estimator(samples), lora=setup.get("lora", []),
+                   lora_weights=setup.get("lora_weights"))

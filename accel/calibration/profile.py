@@ -154,6 +154,8 @@ class Profile(BaseModel):
     estimator: Estimator | None = None
     lora: list[LoraRef] = Field(default_factory=list, description="the LoRA adapter set it was calibrated with "
                                 "([]: the base model); a request with exactly this set uses it")
+    lora_weights: str | None = Field(None, description="hash of those adapters' weights: a profile of another "
+                                     "version of an adapter is refused")
 
     def lora_key(self) -> tuple[tuple[str, float], ...]:
         return lora_key(self.lora)
@@ -216,6 +218,24 @@ def weights_hash(transformer: torch.nn.Module) -> str:
             sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
             digest.update(f"{name}:{tuple(param.shape)}".encode())
             digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def adapters_hash(pipe: Any, names: list[str]) -> str:
+    """sha256 over the LoRA weights of the adapters `names` in the pipeline's transformers (sampled as
+    `weights_hash` samples the model's)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for attribute in ("transformer", "transformer_2"):
+            transformer = getattr(pipe, attribute, None)
+            for name, param in [] if transformer is None else transformer.named_parameters():
+                if "lora_" not in name or not any(f".{adapter}." in name for adapter in names):
+                    continue
+                flat = param.detach().reshape(-1)
+                step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+                sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
+                digest.update(f"{attribute}.{name}:{tuple(param.shape)}".encode())
+                digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -299,21 +319,28 @@ def attach_profile(pipe: Any, profile: Profile | str | Path, *, source: str | No
         raise ProfileError(f"{source or 'profile'}: calibrated with LoRA adapter(s) {', '.join(missing)} that this "
                            f"model was not loaded with (it offers: {', '.join(lora_names(pipe)) or 'none'})",
                            field="profile")
+    if profile.lora_weights and profile.lora_weights != adapters_hash(pipe, [ref.name for ref in profile.lora]):
+        raise ProfileError(f"{source or 'profile'}: calibrated with other weights of LoRA adapter(s) "
+                           f"{', '.join(ref.name for ref in profile.lora)} than this model loaded: calibrate again",
+                           field="profile")
     pipe.__dict__.setdefault("accel_lora_profiles", {})[profile.lora_key()] = profile
     return profile
 
 
 def attach_builtin_profile(pipe: Any, name: str) -> Profile | None:
     """The built-in model's shipped profile, when there is one and it matches the loaded weights (a model built
-    with another seed, or pruned at load, gets none)."""
-    path = builtin_profile_path(name)
-    if not path.is_file():
-        return None
-    profile = load_profile(path)
-    try:
-        return attach_profile(pipe, profile)
-    except ProfileError:
-        return None
+    with another seed, or pruned at load, gets none); also its shipped profiles per LoRA adapter set
+    (`<name>+<adapters>.json`) whose adapters the model was loaded with."""
+    attached = None
+    for path in [builtin_profile_path(name), *sorted(PROFILES_DIR.glob(f"{name}+*.json"))]:
+        if not path.is_file():
+            continue
+        try:
+            profile = attach_profile(pipe, load_profile(path))
+        except ProfileError:
+            continue
+        attached = attached or (profile if not profile.lora else None)
+    return attached
 
 
 def profile_of(pipe: Any) -> Profile | None:
