@@ -212,13 +212,17 @@ def weights_hash(transformer: torch.nn.Module) -> str:
         for name, param in transformer.named_parameters():
             if "lora_" in name:  # LoRA adapters (per request) are not the model's weights
                 continue
-            name = name.replace(".base_layer", "")  # PEFT's wrapper around a layer that has adapters
-            flat = param.detach().reshape(-1)
-            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
-            sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
-            digest.update(f"{name}:{tuple(param.shape)}".encode())
-            digest.update(sample.numpy().tobytes())
+            _digest_parameter(digest, name.replace(".base_layer", ""), param)  # PEFT wraps layers with adapters
     return digest.hexdigest()[:32]
+
+
+def _digest_parameter(digest: Any, name: str, param: torch.Tensor) -> None:
+    """Add a parameter's name, shape and a fixed strided sample of its values (in bfloat16) to `digest`."""
+    flat = param.detach().reshape(-1)
+    step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+    sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
+    digest.update(f"{name}:{tuple(param.shape)}".encode())
+    digest.update(sample.numpy().tobytes())
 
 
 def adapters_hash(pipe: Any, names: list[str]) -> str:
@@ -229,13 +233,8 @@ def adapters_hash(pipe: Any, names: list[str]) -> str:
         for attribute in ("transformer", "transformer_2"):
             transformer = getattr(pipe, attribute, None)
             for name, param in [] if transformer is None else transformer.named_parameters():
-                if "lora_" not in name or not any(f".{adapter}." in name for adapter in names):
-                    continue
-                flat = param.detach().reshape(-1)
-                step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
-                sample = flat[::step][:_SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
-                digest.update(f"{attribute}.{name}:{tuple(param.shape)}".encode())
-                digest.update(sample.numpy().tobytes())
+                if "lora_" in name and any(f".{adapter}." in name for adapter in names):
+                    _digest_parameter(digest, f"{attribute}.{name}", param)
     return digest.hexdigest()[:32]
 
 
