@@ -42,6 +42,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from accel.calibration.calibrate import default_prompts  # noqa: E402
+from accel.calibration.schedules import calibrate_schedules  # noqa: E402
 from accel.eval.frontier import AttentionCounter, LinearMacCounter, pareto  # noqa: E402  (shared with accel.calibration)
 from accel.eval.metrics import psnr  # noqa: E402
 from accel.eval.shapes_captions import HELDOUT_TRIPLES, parse_caption  # noqa: E402
@@ -54,8 +56,9 @@ REQUIRED_RATIO = 1.3
 PEERS = ("taylorseer", "fbcache", "magcache", "dbcache")
 
 
-def sweep(model: str, mag: str) -> list[tuple[str, str]]:
-    """(line, spec) of every setting: each line is one method's knob sweep; `mag` the calibrated MagCache ratios."""
+def sweep(model: str, mag: str, schedules: list[str]) -> list[tuple[str, str]]:
+    """(line, spec) of every setting: each line is one method's knob sweep; `mag` the calibrated MagCache ratios,
+    `schedules` the calibrated AB-Cache schedules (both searched on training captions in this process)."""
     rows = []
     rows += [("taylorseer", f"taylorseer:cache_interval={n}") for n in (2, 3, 4, 5, 6, 8, 10, 12)]
     rows += [("taylorseer order 2", f"taylorseer:cache_interval={n},max_order=2") for n in (2, 3, 4, 5, 6, 8)]
@@ -67,6 +70,7 @@ def sweep(model: str, mag: str) -> list[tuple[str, str]]:
     rows += [("dbcache", f"dbcache:Fn=1,threshold={t}") for t in (0.04, 0.08, 0.16, 0.24, 0.32, 0.5)]
     rows += [("sortblock", s) for s in ("sortblock:K=3,beta=0.1", "sortblock", "sortblock:K=8,beta=0.1")]
     rows += [("abcache", f"abcache:interval={n}") for n in (2, 3, 4, 6, 8)]
+    rows += [("abcache calibrated", spec) for spec in schedules]
     rows += [("abcache_adaptive", f"abcache_adaptive:tolerance={t}") for t in (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3)]
     rows += [("abcache_adaptive higher", f"abcache_adaptive:tolerance={t},estimate=higher") for t in (0.03, 0.05, 0.07)]
     return rows
@@ -145,7 +149,15 @@ def run(args) -> dict:
         prompts = (prompts * args.prompts)[: args.prompts]
         calibration_prompt = "a green triangle in the center"
     mag = calibrate_magcache(pipe, calibration_prompt, args.steps)
-    settings = [(line, spec) for line, spec in sweep(args.model, mag) if re.search(args.only, line)]
+    schedules = []
+    if re.search(args.only, "abcache calibrated") and args.schedule_budgets:
+        found = calibrate_schedules(pipe, default_prompts(args.model, args.schedule_prompts), args.steps,
+                                    args.schedule_budgets, seed=args.seed)
+        schedules = [spec for spec, _ in found.values()]
+        args.found_schedules = {k: {"spec": spec, "calibration_psnr": round(value, 3)}
+                                for k, (spec, value) in found.items()}
+        print("calibrated schedules:", {k: f"{spec} ({value:.2f} dB)" for k, (spec, value) in found.items()}, flush=True)
+    settings = [(line, spec) for line, spec in sweep(args.model, mag, schedules) if re.search(args.only, line)]
     settings += [(spec.split(":")[0] + " (extra)", spec) for spec in args.spec]
     settings = [(line, spec) for line, spec in settings if line.split()[0] != "dbcache" or _has_cache_dit()]
     for _, spec in settings:
@@ -186,7 +198,8 @@ def run(args) -> dict:
         "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} thread(s))"
         if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
         "work_counted_by": "forward pre-hooks on every attention's to_q (outside the methods)",
-        "magcache_ratios": mag, "command": command, "seconds": round(time.perf_counter() - started),
+        "magcache_ratios": mag, "calibrated_schedules": getattr(args, "found_schedules", {}), "command": command,
+        "seconds": round(time.perf_counter() - started),
         "points": points, "targets": targets_table(points), "targets_macs": targets_table(points, "macs"),
     }
 
@@ -215,7 +228,9 @@ def markdown(report: dict) -> str:
         f"{len(report['prompts'])} prompts: " + "; ".join(f"\"{p}\"" for p in report["prompts"]) + ".",
         f"Work = attention computations counted by {report['work_counted_by']}, as a fraction of the plain run's. "
         "PSNR against the plain output (mean over prompts). Time ratio: median over prompts of the run's time over "
-        "the nearest plain run's. MagCache uses this model's ratios, calibrated in the same process.",
+        "the nearest plain run's. MagCache uses this model's ratios and `abcache calibrated` this model's schedules "
+        "(`accel.calibration.schedules`: searched per budget on training captions, never on these prompts), both "
+        "calibrated in the same process.",
         "",
         f"Command: `{report['command']}` ({report['seconds']} s)",
         "",
@@ -292,6 +307,10 @@ def main() -> None:
     parser.add_argument("--spec", action="append", default=[], help="an extra setting (repeatable)")
     parser.add_argument("--plain-every", type=int, default=6, help="a plain run for timing every N settings")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--schedule-budgets", type=int, nargs="*", default=[3, 4, 5, 6, 7, 8, 9, 10],
+                        help="computed steps per call of the calibrated AB-Cache schedules (none: skip the search)")
+    parser.add_argument("--schedule-prompts", type=int, default=6,
+                        help="calibration (training) captions the schedules are searched on")
     parser.add_argument("--out", default=None, help="JSON path (default out/frontier_<model>.json)")
     parser.add_argument("--docs", default="docs", help="folder for frontier_<model>.md/.png ('' to skip)")
     args = parser.parse_args()

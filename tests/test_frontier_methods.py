@@ -201,3 +201,62 @@ def test_lower_estimate_is_the_change_since_the_last_computed_output():
     _, counters = _drive(AdaptiveABCacheConfig(tolerance=0.1, max_skip=10), values)
     # step 2: linear 1.2 vs constant 1.1 -> 0.083 <= 0.1: extrapolated; step 3: 1.3 vs 1.1 -> 0.154: computed
     assert counters.computed_steps[:3] == [0, 1, 3]
+
+
+# -- calibrated AB-Cache schedules (`abcache:steps=[...]`, accel.calibration.schedules) ------------------------------
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("cfg", [False, True], ids=["nocfg", "cfg"])
+def test_an_explicit_schedule_computes_exactly_its_steps(load, name, cfg):
+    pipe = load(name)
+    plain = run(pipe, name, cfg=cfg, num_inference_steps=8)
+    with accelerate(pipe, "abcache:steps=[0,1,2,3,4,5,6,7]") as report:
+        out = run(pipe, name, cfg=cfg, num_inference_steps=8)
+    assert np.array_equal(plain, out) and report.block_fraction_computed == 1.0
+    counter = QueryCalls(pipe)
+    try:
+        with accelerate(pipe, "abcache:steps=[0,2,5]") as report:
+            run(pipe, name, cfg=cfg, num_inference_steps=8)
+    finally:
+        counter.close()
+    branches = report.transformer_calls // 8
+    assert report.details["abcache"].computed_calls == 3 * branches
+    assert counter.count == 3 * branches * counter.per_call
+    assert report.details["abcache"].extrapolated_calls == 5 * branches
+
+
+def test_a_schedule_must_be_increasing_step_indices():
+    for bad in ("abcache:steps=[3,1]", "abcache:steps=[0,0,2]", "abcache:steps=[-1,2]"):
+        with pytest.raises(SpecError, match="abcache.steps"):
+            parse_spec(bad)
+
+
+def test_schedule_search_climbs_to_the_best_schedule():
+    """Coordinate ascent from evenly spaced steps reaches the optimum of a separable score; step 0 stays first."""
+    from accel.calibration.schedules import evenly_spaced, schedule_spec, search_schedule
+
+    target = [0, 2, 7, 20]
+    calls = []
+
+    def score(schedule):
+        calls.append(schedule)
+        return -float(sum((a - b) ** 2 for a, b in zip(schedule, target)))
+
+    assert evenly_spaced(4, 28) == [0, 7, 14, 21]
+    best, value = search_schedule(score, 4, 28)
+    assert best == target and value == 0.0
+    assert all(s[0] == 0 and s == sorted(set(s)) and s[-1] < 28 for s in calls)
+    assert schedule_spec(best) == "abcache:order=2,steps=[0,2,7,20]"
+
+
+def test_schedule_search_grows_the_previous_budgets_schedule():
+    """A budget starts from the previous budget's schedule plus its best added step when that scores higher than
+    evenly spaced steps: budgets are searched in increasing order and seed one another."""
+    from accel.calibration.schedules import search_schedule
+
+    target = [0, 1, 2, 27]
+
+    def score(schedule):  # flat everywhere else: coordinate ascent from evenly spaced steps cannot climb
+        return 0.0 if schedule == target else -1.0
+
+    assert search_schedule(score, 4, 28) == ([0, 7, 14, 21], -1.0)
+    assert search_schedule(score, 4, 28, previous=[0, 1, 2]) == (target, 0.0)

@@ -13,7 +13,9 @@ the output is extrapolated from the outputs of the last `order` computed steps:
 On uniformly spaced history all three give the same weights.
 
 Refresh schedule (authors: warmup 5, interval 6 over 50 steps, i.e. 13 of 50 computed): a step i runs the
-transformer if i < warmup, or i >= steps - final, or i % interval == 0; otherwise it is extrapolated. Cached per
+transformer if i < warmup, or i >= steps - final, or i % interval == 0; otherwise it is extrapolated. Or an explicit
+list of computed steps (`steps=[0, 3, 8, ...]`): a schedule calibrated once per model and step count
+(`accel.calibration.schedules`, MagCache-style), which follows where this model's outputs bend. Cached per
 CFG branch (the combine is linear, so this equals caching after it); SD3-style batched CFG caches the batch.
 """
 
@@ -24,7 +26,7 @@ from math import comb
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from diffusers.hooks.hooks import BaseState, StateManager
 
@@ -42,10 +44,22 @@ class ABCacheConfig(MethodConfig):
     warmup: int = Field(5, ge=0, le=1000, description="Leading steps always computed. Default 5.")
     interval: int = Field(6, ge=1, le=1000, description="Step i computes when i % interval == 0. 1 = off. Default 6.")
     final: int = Field(0, ge=0, le=1000, description="Trailing steps always computed. Default 0 (authors).")
+    steps: list[int] | None = Field(
+        None, max_length=1000, description="Compute exactly these step indices, increasing (a calibrated schedule); "
+        "replaces warmup, interval and final. A branch's first call is always computed.",
+    )
     spacing: Literal["sigmas", "steps", "binomial"] = Field(
         "steps", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
         "fixed binomial weights."
     )
+
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None and (any(s < 0 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:]))):
+            raise ValueError("steps must be increasing step indices >= 0")
+        return steps
 
 
 def binomial_weights(order: int) -> list[float]:
@@ -66,6 +80,8 @@ def lagrange_weights(points: list[float], target: float) -> list[float]:
 
 
 def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
+    if config.steps is not None:
+        return step in config.steps
     return step < config.warmup or step >= num_steps - config.final or step % config.interval == 0
 
 
