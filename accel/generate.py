@@ -36,7 +36,7 @@ from accel import accelerate
 from accel.adapters import adapter_for, pipeline_max_images, pipeline_tasks
 from accel.errors import GenerationParamsError, validation_errors
 from accel.loading import ModelDefaults
-from accel.lora import LORA_SCALE_RANGE, MAX_LORAS_PER_REQUEST, LoraRef, lora_names, lora_set
+from accel.lora import LORA_SCALE_RANGE, MAX_LORAS_PER_REQUEST, LoraRef, adapter_set, lora_names, lora_set
 from accel.spec import AccelSpec, parse_spec
 
 # the knobs of a pipeline call a request sets (the rest: prompts, outputs per prompt, seeds)
@@ -234,11 +234,6 @@ def _check_lora(refs: list[LoraRef], info: ModelInfo, name_of: str) -> list[Lora
     return sorted(refs, key=lambda ref: ref.name)
 
 
-def lora_key(params: GenerationParams) -> tuple[tuple[str, float], ...]:
-    """The adapter set of a (resolved) request as a hashable key: ((name, scale), ...) in name order."""
-    return tuple((ref.name, ref.scale) for ref in params.lora)
-
-
 def _check_inputs(pipe: Any, params: GenerationParams, info: ModelInfo, accepted: frozenset[str]) -> None:
     """The input images and mask against what the model takes (errors name `image` or `mask`): how many, each side
     at least the model's size multiple, and the pipeline's own image checks where it has them (FLUX.2's
@@ -296,7 +291,7 @@ def batch_key(params: GenerationParams) -> tuple:
     Requests with input images also differ from those without; they run alone all the same (`runs_alone`). The
     LoRA adapter set (names and scales) is part of the key: one call runs one set."""
     return (*(getattr(params, name) for name in CALL_KNOBS), params.negative_prompt is not None, runs_alone(params),
-            lora_key(params))
+            adapter_set(params.lora))
 
 
 def runs_alone(params: GenerationParams) -> bool:
@@ -432,7 +427,7 @@ def generate_batch(
         spec = resolve_request_target(pipe, spec, batch[0])
     kwargs = pipeline_kwargs(pipe, batch)
     adapters = batch[0].lora
-    assert all(lora_key(p) == lora_key(batch[0]) for p in batch), "a batch shares one LoRA adapter set"
+    assert all(adapter_set(p.lora) == adapter_set(adapters) for p in batch), "a batch shares one LoRA adapter set"
     total = kwargs.get("num_inference_steps") or 0
     captured: dict[str, torch.Tensor] = {}
 

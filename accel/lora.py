@@ -34,6 +34,7 @@ __all__ = [
     "LORA_SCALE_RANGE",
     "MAX_LORAS_PER_REQUEST",
     "LoraRef",
+    "adapter_set",
     "check_lora_file",
     "load_loras",
     "lora_file",
@@ -56,6 +57,12 @@ class LoraRef(BaseModel):
     name: str = Field(..., pattern=LORA_NAME_PATTERN, description="an adapter the model offers (`ModelInfo.loras`)")
     scale: float = Field(1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1],
                          description="strength: 1 as trained, 0 off, in [-2, 2]")
+
+
+def adapter_set(refs: Iterable[LoraRef]) -> tuple[tuple[str, float], ...]:
+    """An adapter set as a hashable key, ((name, scale), ...) in name order: the same set however it is written
+    (a batch key, and the key of the profile calibrated with that set)."""
+    return tuple(sorted((ref.name, float(ref.scale)) for ref in refs))
 
 
 def lora_names(pipe: Any) -> tuple[str, ...]:

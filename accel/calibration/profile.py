@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from accel.errors import AccelError, validation_errors
-from accel.lora import LoraRef, lora_names
+from accel.lora import LoraRef, adapter_set, lora_names
 
 PROFILE_FORMAT = "accel-profile/1"
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "models" / "profiles"  # built-in models' profiles (package data)
@@ -157,8 +157,6 @@ class Profile(BaseModel):
     lora_weights: str | None = Field(None, description="hash of those adapters' weights: a profile of another "
                                      "version of an adapter is refused")
 
-    def lora_key(self) -> tuple[tuple[str, float], ...]:
-        return lora_key(self.lora)
 
     # -- checks ----------------------------------------------------------------------------------------------
     def check(self, pipe: Any, source: str = "profile") -> None:
@@ -322,7 +320,7 @@ def attach_profile(pipe: Any, profile: Profile | str | Path, *, source: str | No
         raise ProfileError(f"{source or 'profile'}: calibrated with other weights of LoRA adapter(s) "
                            f"{', '.join(ref.name for ref in profile.lora)} than this model loaded: calibrate again",
                            field="profile")
-    pipe.__dict__.setdefault("accel_lora_profiles", {})[profile.lora_key()] = profile
+    pipe.__dict__.setdefault("accel_lora_profiles", {})[adapter_set(profile.lora)] = profile
     return profile
 
 
@@ -347,19 +345,14 @@ def profile_of(pipe: Any) -> Profile | None:
     return getattr(pipe, "accel_profile", None)
 
 
-def lora_key(refs: Any) -> tuple[tuple[str, float], ...]:
-    """An adapter set as ((name, scale), ...) in name order: the same set however a request orders it."""
-    return tuple(sorted((ref.name, float(ref.scale)) for ref in refs))
-
-
 def profile_for(pipe: Any, lora: Any = ()) -> tuple[Profile | None, str | None]:
     """The profile calibrated with this adapter set (LoraRef list), else the base model's with a note saying so."""
-    key = lora_key(lora)
+    key = adapter_set(lora)
     if not key:
         return profile_of(pipe), None
     own = getattr(pipe, "accel_lora_profiles", {}).get(key)
     if own is not None:
         return own, None
-    described = ", ".join(f"{name}={scale:g}" for name, scale in key)
-    return profile_of(pipe), (f"no profile calibrated with LoRA {described}: chosen on the base model's profile "
-                              f"(calibrate one with `accel calibrate --lora {' --lora '.join(described.split(', '))}`)")
+    described = [f"{name}={scale:g}" for name, scale in key]
+    return profile_of(pipe), (f"no profile calibrated with LoRA {', '.join(described)}: chosen on the base model's "
+                              f"profile (calibrate one with `accel calibrate --lora {' --lora '.join(described)}`)")

@@ -35,9 +35,8 @@ def search_schedule(score: Callable[[list[int]], float], budget: int, steps: int
     schedule (step 0 stays first: a call's first output has nothing to extrapolate)."""
     starts = [evenly_spaced(budget, steps)]
     if previous is not None and len(previous) == budget - 1:
-        grown = [sorted(previous + [s]) for s in range(1, steps) if s not in previous]
-        starts += [max(grown, key=score)] if grown else []
-    best, value = max(((start, score(start)) for start in starts), key=lambda pair: pair[1])
+        starts += [sorted(previous + [s]) for s in range(1, steps) if s not in previous]
+    best, value = max(((start, score(start)) for start in starts), key=lambda pair: pair[1])  # each scored once
     improved = True
     while improved:
         improved = False
