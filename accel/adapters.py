@@ -51,6 +51,10 @@ class ModelAdapter:
     mag_ratios: published per-step magnitude ratios of the family's reference checkpoint (MagCache's default).
     skip_layers_argument: the transformer's argument naming blocks it skips by itself (SD3's skip-layer guidance):
         those are not counted as block forwards a plain run makes.
+    flow_output: the transformer's output is the flow velocity v = eps - x0 of the latents leading its
+        `hidden_states` input (x_t = (1 - sigma) x0 + sigma eps), used as is by the scheduler: what methods that
+        reason about the noise prediction need (AB-Cache's `prediction="noise_blend"`). Not Z-Image (its pipeline
+        negates the output), PixArt (epsilon), CogVideoX (v-prediction), LTX (per-token timesteps on I2V).
     """
 
     family: str
@@ -71,6 +75,7 @@ class ModelAdapter:
     mag_ratios: tuple[float, ...] | None = None
     skip_layers_argument: str | None = None  # the transformer's argument listing blocks it skips itself (SD3's SLG)
     unbatched_arguments: tuple[str, ...] = ()  # the transformer's tensor arguments without a batch dimension
+    flow_output: bool = False
 
     def block_stacks(self, transformer: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
         return {name: getattr(transformer, name) for name in self.stacks}
@@ -124,6 +129,10 @@ class ModelAdapter:
         """The timestep a transformer call was given (by keyword or by position in its `forward`)."""
         return call_argument(type(transformer).forward, self.timestep_argument, args, kwargs)
 
+    def latents_of(self, transformer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The `hidden_states` a transformer call was given (x_t, with any conditioning concatenated after it)."""
+        return call_argument(type(transformer).forward, "hidden_states", args, kwargs)
+
     def size_multiple(self, pipe: Any) -> int:
         """Height and width must be multiples of this: the VAE's spatial factor times the latent patch."""
         vae_factor = (getattr(pipe, "vae_scale_factor_spatial", None)
@@ -160,6 +169,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
     for adapter in (
         ModelAdapter(
             family="flux",
+            flow_output=True,
             transformer_class="FluxTransformer2DModel",
             pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline"),
             stacks=("transformer_blocks", "single_transformer_blocks"),
@@ -174,6 +184,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
         ModelAdapter(
             family="wan",
+            flow_output=True,
             transformer_class="WanTransformer3DModel",
             pipeline_classes=("WanPipeline", "WanImageToVideoPipeline"),
             stacks=("blocks",),
@@ -183,6 +194,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
         ModelAdapter(
             family="flux2",
+            flow_output=True,
             transformer_class="Flux2Transformer2DModel",
             pipeline_classes=("Flux2KleinPipeline",),  # Flux2Pipeline ([dev]): its processor needs torchvision here
             stacks=("transformer_blocks", "single_transformer_blocks"),
@@ -194,6 +206,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
         ModelAdapter(
             family="qwen-image",
+            flow_output=True,
             transformer_class="QwenImageTransformer2DModel",
             pipeline_classes=("QwenImagePipeline",),  # the Edit pipelines' processor needs torchvision here
             stacks=("transformer_blocks",),
@@ -231,6 +244,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
         ModelAdapter(
             family="hunyuanvideo15",
+            flow_output=True,
             transformer_class="HunyuanVideo15Transformer3DModel",
             pipeline_classes=("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"),
             stacks=("transformer_blocks",),
@@ -261,6 +275,7 @@ ADAPTERS: dict[str, ModelAdapter] = {
         ),
         ModelAdapter(
             family="sd3",
+            flow_output=True,
             transformer_class="SD3Transformer2DModel",
             pipeline_classes=("StableDiffusion3Pipeline",),
             stacks=("transformer_blocks",),

@@ -23,6 +23,10 @@ class MethodConfig(BaseModel):
         "both", description="on two-expert pipelines (Wan 2.2): the transformer the method applies to: \"high\" "
                             "(`transformer`, high noise), \"low\" (`transformer_2`, low noise) or both")
 
+    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
+        """(knob, why) when a knob's value cannot run on the adapter's family (the method as a whole can)."""
+        return None
+
     def shorthand(self) -> str:
         """`method:key=value,...` with the knobs that differ from the defaults."""
         knobs = self.model_dump(exclude={"method"}, exclude_defaults=True, mode="json")

@@ -92,6 +92,7 @@ class StepContext:
     num_steps: int
     guidance: Literal["cond", "uncond", "batch", "extra"] = "cond"  # the call's role in the guidance combine
     transformer: str = "transformer"  # the pipeline attribute of the transformer being called
+    latents: Any = None  # the call's `hidden_states` input (x_t and any concatenated conditioning), when it has one
 
     def cache_context(self, name: str | None = None) -> CacheContext:
         """The diffusers `CacheContext` of this call (under another name, e.g. for a side pass)."""
@@ -214,6 +215,7 @@ class _StepTrackerHook(ModelHook):
         if not session.started:
             session.start()
         ctx = session.tracker.advance(outer, timestep, self.name)
+        ctx.latents = session.adapter.latents_of(module, args, kwargs)
         report = session.report
         report.transformer_calls += 1
         report.steps = max(report.steps, ctx.step_index + 1)
@@ -385,6 +387,8 @@ class AccelSession:
             if method.families is not None and self.adapter.family not in method.families:
                 raise SpecError(f"{method.name}: not available for the {self.adapter.family} family; supported: "
                                 f"{', '.join(method.families)}", field=method.name)
+            if (problem := config.unsupported(self.adapter)) is not None:
+                raise SpecError(f"{method.name}.{problem[0]}: {problem[1]}", field=f"{method.name}.{problem[0]}")
             if config.expert != "both" and "transformer_2" not in self.transformers:
                 raise SpecError(f"{method.name}.expert: {config.expert!r} needs a pipeline with two experts "
                                 "(transformer_2, e.g. Wan 2.2); this one has one transformer", field=f"{method.name}.expert")

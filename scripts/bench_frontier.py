@@ -56,9 +56,9 @@ REQUIRED_RATIO = 1.3
 PEERS = ("taylorseer", "fbcache", "magcache", "dbcache")
 
 
-def sweep(model: str, mag: str, schedules: list[str]) -> list[tuple[str, str]]:
+def sweep(model: str, mag: str, schedules: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """(line, spec) of every setting: each line is one method's knob sweep; `mag` the calibrated MagCache ratios,
-    `schedules` the calibrated AB-Cache schedules (both searched on training captions in this process)."""
+    `schedules` the calibrated AB-Cache schedules, (line, spec) (both searched on training captions in this process)."""
     rows = []
     rows += [("taylorseer", f"taylorseer:cache_interval={n}") for n in (2, 3, 4, 5, 6, 8, 10, 12)]
     rows += [("taylorseer order 2", f"taylorseer:cache_interval={n},max_order=2") for n in (2, 3, 4, 5, 6, 8)]
@@ -70,9 +70,11 @@ def sweep(model: str, mag: str, schedules: list[str]) -> list[tuple[str, str]]:
     rows += [("dbcache", f"dbcache:Fn=1,threshold={t}") for t in (0.04, 0.08, 0.16, 0.24, 0.32, 0.5)]
     rows += [("sortblock", s) for s in ("sortblock:K=3,beta=0.1", "sortblock", "sortblock:K=8,beta=0.1")]
     rows += [("abcache", f"abcache:interval={n}") for n in (2, 3, 4, 6, 8)]
-    rows += [("abcache calibrated", spec) for spec in schedules]
+    rows += schedules
     rows += [("abcache_adaptive", f"abcache_adaptive:tolerance={t}") for t in (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3)]
     rows += [("abcache_adaptive higher", f"abcache_adaptive:tolerance={t},estimate=higher") for t in (0.03, 0.05, 0.07)]
+    rows += [("abcache_adaptive higher noise_blend", f"abcache_adaptive:tolerance={t},estimate=higher,prediction=noise_blend")
+             for t in (0.03, 0.04, 0.05, 0.06, 0.07, 0.1)]
     return rows
 
 
@@ -149,14 +151,19 @@ def run(args) -> dict:
         prompts = (prompts * args.prompts)[: args.prompts]
         calibration_prompt = "a green triangle in the center"
     mag = calibrate_magcache(pipe, calibration_prompt, args.steps)
-    schedules = []
-    if re.search(args.only, "abcache calibrated") and args.schedule_budgets:
+    schedules: list[tuple[str, str]] = []
+    args.found_schedules = {}
+    for prediction in args.schedule_predictions:
+        line = "abcache calibrated" + ("" if prediction == "velocity" else f" {prediction}")
+        if not (re.search(args.only, line) and args.schedule_budgets):
+            continue
         found = calibrate_schedules(pipe, default_prompts(args.model, args.schedule_prompts), args.steps,
-                                    args.schedule_budgets, seed=args.seed)
-        schedules = [spec for spec, _ in found.values()]
-        args.found_schedules = {k: {"spec": spec, "calibration_psnr": round(value, 3)}
-                                for k, (spec, value) in found.items()}
-        print("calibrated schedules:", {k: f"{spec} ({value:.2f} dB)" for k, (spec, value) in found.items()}, flush=True)
+                                    args.schedule_budgets, seed=args.seed, prediction=prediction)
+        schedules += [(line, spec) for spec, _ in found.values()]
+        args.found_schedules[prediction] = {k: {"spec": spec, "calibration_psnr": round(value, 3)}
+                                            for k, (spec, value) in found.items()}
+        print(f"calibrated schedules ({prediction}):", {k: f"{spec} ({value:.2f} dB)" for k, (spec, value) in found.items()},
+              flush=True)
     settings = [(line, spec) for line, spec in sweep(args.model, mag, schedules) if re.search(args.only, line)]
     settings += [(spec.split(":")[0] + " (extra)", spec) for spec in args.spec]
     settings = [(line, spec) for line, spec in settings if line.split()[0] != "dbcache" or _has_cache_dit()]
@@ -309,6 +316,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--schedule-budgets", type=int, nargs="*", default=[3, 4, 5, 6, 7, 8, 9, 10],
                         help="computed steps per call of the calibrated AB-Cache schedules (none: skip the search)")
+    parser.add_argument("--schedule-predictions", nargs="*", default=["velocity", "noise_blend"],
+                        help="AB-Cache predictions a schedule search runs for (one line each)")
     parser.add_argument("--schedule-prompts", type=int, default=6,
                         help="calibration (training) captions the schedules are searched on")
     parser.add_argument("--out", default=None, help="JSON path (default out/frontier_<model>.json)")

@@ -32,6 +32,7 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxKontextPipel
 from PIL import Image
 
 from accel import accelerate
+from accel.adapters import adapter_for
 from accel.methods import METHODS as REGISTRY
 from accel.models.pipelines import prepare
 from accel.session import AccelSession
@@ -204,6 +205,8 @@ def skipping_spec(pipe, method):
     if method == "prune":
         stack = next(iter(AccelSession(pipe, []).stacks))
         return f'prune:blocks=["{stack}.1"]'
+    if method == "abcache" and adapter_for(pipe).flow_output:  # AB-Cache's noise blend where it runs, velocity else
+        return METHODS[method][1] + ",prediction=noise_blend"
     return METHODS[method][1]
 
 

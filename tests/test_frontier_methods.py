@@ -260,3 +260,61 @@ def test_schedule_search_grows_the_previous_budgets_schedule():
 
     assert search_schedule(score, 4, 28) == ([0, 7, 14, 21], -1.0)
     assert search_schedule(score, 4, 28, previous=[0, 1, 2]) == (target, 0.0)
+
+
+# -- AB-Cache's noise blend (`prediction=noise_blend`) ---------------------------------------------------------------
+def _blend_ctx(step, sigma, latents):
+    from accel.session import StepContext
+
+    return StepContext(step_index=step, branch="cond", timestep=1000.0 * sigma, sigma=sigma, num_steps=8,
+                       latents=latents)
+
+
+def test_noise_blend_is_exact_on_a_straight_flow_and_keeps_a_deviation_of_the_latents():
+    """On a straight path x_t = (1 - sigma) x0 + sigma eps (velocity eps - x0 at every step) the blend predicts the
+    velocity exactly from two computed steps, at any later sigma; latents that deviate by d from that path give
+    v - d (the noise prediction holds: the deviation is kept as content), where the velocity form would give v.
+    Catches a wrong sign or weight in sigma * v + eps - x_t, or a conditioning slice taken for x_t."""
+    from accel.caching.abcache import cached_value, lagrange_weights, predicted_output
+
+    torch.manual_seed(0)
+    x0, eps = torch.randn(1, 4, 3), torch.randn(1, 4, 3)
+    v = eps - x0
+    cond = torch.randn(1, 4, 2)  # conditioning channels concatenated after the latents (Wan I2V-style)
+    sigmas = [1.0, 0.8, 0.5]
+    cached = [cached_value(v, _blend_ctx(i, s, torch.cat([(1 - s) * x0 + s * eps, cond], dim=-1)), "noise_blend")
+              for i, s in enumerate(sigmas[:2])]
+    w = lagrange_weights([0.0, 1.0], 2.0)
+    value = w[0] * cached[0] + w[1] * cached[1]
+    x_t = (1 - sigmas[2]) * x0 + sigmas[2] * eps
+    torch.testing.assert_close(predicted_output(value, _blend_ctx(2, sigmas[2], torch.cat([x_t, cond], -1)),
+                                                "noise_blend"), v)
+    d = 0.1 * torch.randn_like(x_t)
+    torch.testing.assert_close(predicted_output(value, _blend_ctx(2, sigmas[2], torch.cat([x_t + d, cond], -1)),
+                                                "noise_blend"), v - d)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-wan", "tiny-sd3"])
+def test_noise_blend_schedule_is_exact_at_full_schedule_and_counts_its_steps(load, name):
+    """FLUX packed tokens, Wan video latents with CFG, SD3's batched CFG (the conformance matrix runs the blend on
+    every flow-matching variant, I2V's concatenated conditions included)."""
+    pipe = load(name)
+    cfg = name != "tiny-flux"
+    plain = run(pipe, name, cfg=cfg, num_inference_steps=8)
+    with accelerate(pipe, "abcache:steps=[0,1,2,3,4,5,6,7],prediction=noise_blend"):
+        assert np.array_equal(plain, run(pipe, name, cfg=cfg, num_inference_steps=8))
+    with accelerate(pipe, "abcache:steps=[0,2,5],prediction=noise_blend") as report:
+        out = run(pipe, name, cfg=cfg, num_inference_steps=8)
+    assert np.isfinite(out).all() and not np.array_equal(plain, out)
+    assert report.details["abcache"].extrapolated_calls == report.transformer_calls - report.details["abcache"].computed_calls > 0
+
+
+@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-zimage", "tiny-cogvideox", "tiny-ltx"])
+@pytest.mark.parametrize("method", ["abcache", "abcache_adaptive"])
+def test_noise_blend_is_refused_where_the_output_is_not_a_flow_velocity(load, name, method):
+    pipe = load(name)
+    with pytest.raises(SpecError, match=f"{method}.prediction: 'noise_blend' needs a flow-matching velocity"):
+        with accelerate(pipe, f"{method}:prediction=noise_blend"):
+            pass
+    with accelerate(pipe, f"{method}:prediction=velocity"):  # the method itself runs there
+        pass

@@ -12,6 +12,15 @@ the output is extrapolated from the outputs of the last `order` computed steps:
   sigma: exact for outputs polynomial in sigma, and the natural variable on shifted FLUX/Wan schedules.
 On uniformly spaced history all three give the same weights.
 
+What is extrapolated (`prediction`): the output v itself ("velocity", the authors'), or, on flow-matching families
+("noise_blend"), v and the noise prediction eps = x_t + (1 - sigma) v of each computed step, combined on a skipped
+step with the current latents as sigma * v_hat + eps_hat - x_t: the velocity's extrapolation weighted by sigma, and
+by 1 - sigma the velocity (eps_hat - x_t) / (1 - sigma) that the extrapolated noise implies at x_t. Early (sigma
+near 1) it is the velocity form; late, the noise form, which keeps the current latents' deviations (at low noise the
+model treats them as content) and whose eps changes slowly there. Measured on shapes-flux (docs/benchmarks.md,
+"Caching frontier"); pure noise (or data x0 = x_t - sigma v) prediction was worse: eps_hat / (1 - sigma) amplifies the
+extrapolation's error near sigma = 1, and x0 is not smooth early.
+
 Refresh schedule (authors: warmup 5, interval 6 over 50 steps, i.e. 13 of 50 computed): a step i runs the
 transformer if i < warmup, or i >= steps - final, or i % interval == 0; otherwise it is extrapolated. Or an explicit
 list of computed steps (`steps=[0, 3, 8, ...]`): a schedule calibrated once per model and step count
@@ -52,7 +61,13 @@ class ABCacheConfig(MethodConfig):
         "steps", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
         "fixed binomial weights."
     )
+    prediction: Literal["velocity", "noise_blend"] = Field(
+        "velocity", description="What is extrapolated: the denoiser's output, or (flow-matching families) also its "
+        "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
+    )
 
+    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
+        return noise_blend_unsupported(self.prediction, adapter)
 
     @field_validator("steps")
     @classmethod
@@ -79,6 +94,37 @@ def lagrange_weights(points: list[float], target: float) -> list[float]:
     return weights
 
 
+def noise_blend_unsupported(prediction: str, adapter: Any) -> tuple[str, str] | None:
+    if prediction == "noise_blend" and not adapter.flow_output:
+        return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} family's is "
+                              "not (use 'velocity')")
+    return None
+
+
+def _sigma(ctx: StepContext) -> float:
+    return float(ctx.sigma) if ctx.sigma is not None else ctx.timestep / 1000.0
+
+
+def _latents_like(ctx: StepContext, output: torch.Tensor) -> torch.Tensor:
+    """x_t of the call, cut to the output's shape (conditioning concatenated after the latents dropped)."""
+    return ctx.latents[tuple(slice(0, n) for n in output.shape)].float()
+
+
+def cached_value(output: torch.Tensor, ctx: StepContext, prediction: str) -> torch.Tensor:
+    """What is cached for a computed output: itself, or (noise_blend) [v, eps] stacked, in float32."""
+    if prediction == "velocity":
+        return output
+    v = output.float()
+    return torch.stack([v, _latents_like(ctx, v) + (1.0 - _sigma(ctx)) * v])
+
+
+def predicted_output(value: torch.Tensor, ctx: StepContext, prediction: str) -> torch.Tensor:
+    """The output for an extrapolated cached value: itself, or (noise_blend) sigma * v_hat + eps_hat - x_t."""
+    if prediction == "velocity":
+        return value
+    return _sigma(ctx) * value[0] + value[1] - _latents_like(ctx, value[0])
+
+
 def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
     if config.steps is not None:
         return step in config.steps
@@ -100,8 +146,9 @@ class ABCacheState(BaseState):
     def reset(self) -> None:
         self.steps: list[int] = []
         self.times: list[float] = []
-        self.outputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []  # cached values (`cached_value`)
         self.wrap: Any = None  # rebuilds the transformer's return structure around a tensor
+        self.dtype: torch.dtype | None = None  # the denoiser output's dtype
 
     def push(self, step: int, time: float, output: torch.Tensor, keep: int) -> None:
         self.steps.append(step)
@@ -127,11 +174,14 @@ class ABCacheCallHook:
         if should_compute(self.config, ctx.step_index, num_steps) or not history.outputs:
             output = call()
             sample, history.wrap = unwrap_denoiser_output(output)
-            history.push(ctx.step_index, self._time(ctx), sample, self.config.order)
+            history.dtype = sample.dtype
+            history.push(ctx.step_index, self._time(ctx), cached_value(sample, ctx, self.config.prediction),
+                         self.config.order)
             self.counters.computed_calls += 1
             return output
         self.counters.extrapolated_calls += 1
-        return history.wrap(self.extrapolate(history, ctx))
+        prediction = predicted_output(self.extrapolate(history, ctx), ctx, self.config.prediction)
+        return history.wrap(prediction.to(history.dtype))
 
     def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:
         k = len(history.outputs)
@@ -146,7 +196,7 @@ class ABCacheCallHook:
         result = torch.zeros_like(newest_first[0], dtype=torch.float32)
         for w, f in zip(weights, newest_first):
             result = result + w * f.float()
-        return result.to(history.outputs[-1].dtype)
+        return result
 
 
 def apply_abcache(session: AccelSession, config: ABCacheConfig) -> MethodHandle:

@@ -20,7 +20,8 @@ output, independent of a step count; 0 computes every step. Measured on shapes-f
 frontier"): "lower" beats "higher" at every fidelity (e.g. 19.0% of the work at 37.3 dB against 33.2 dB), order 2
 beats orders 1 and 3, the step index beats sigma, and a 1-step warm-up with no forced final step beats AB-Cache's
 5-step warm-up. Extrapolating the data prediction x0 = x_t - sigma v with the current x_t (DPM-Solver++ style) was
-tried and not kept: equal or lower PSNR at equal work.
+tried and not kept: equal or lower PSNR at equal work. `prediction="noise_blend"` (flow-matching families) extrapolates
+as AB-Cache's knob of that name does (`accel.caching.abcache`); the error estimate compares the two blended outputs.
 
 State is per CFG branch and per call, as AB-Cache's; the decision takes the batch's worst item, so an item's
 schedule depends on its batch (`batch_invariant=False`), its prediction only on its own history.
@@ -37,7 +38,7 @@ from pydantic import Field
 
 from accel.adapters import unwrap_denoiser_output
 from accel.base import Counters, Method, MethodConfig, MethodHandle
-from accel.caching.abcache import lagrange_weights
+from accel.caching.abcache import cached_value, lagrange_weights, noise_blend_unsupported, predicted_output
 from accel.session import AccelSession, StepContext
 
 
@@ -59,6 +60,13 @@ class AdaptiveABCacheConfig(MethodConfig):
         "default, measured best) or order + 1 points (the prediction's own truncation error).",
     )
     spacing: Literal["steps", "sigmas"] = Field("steps", description="Extrapolation variable: step index or sigma.")
+    prediction: Literal["velocity", "noise_blend"] = Field(
+        "velocity", description="What is extrapolated: the denoiser's output, or (flow-matching families) also its "
+        "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
+    )
+
+    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
+        return noise_blend_unsupported(self.prediction, adapter)
 
 
 @dataclass
@@ -76,7 +84,7 @@ class AdaptiveABCacheState(BaseState):
 
     def reset(self) -> None:
         self.times: list[float] = []
-        self.values: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []  # cached values (`accel.caching.abcache.cached_value`)
         self.skipped = 0
         self.wrap: Any = None
         self.dtype: torch.dtype | None = None  # the denoiser output's dtype
@@ -136,7 +144,7 @@ class AdaptiveABCacheCallHook:
         output = call()
         sample, history.wrap = unwrap_denoiser_output(output)
         history.dtype = sample.dtype
-        history.push(self._time(ctx), sample, self.config.order + 1)
+        history.push(self._time(ctx), cached_value(sample, ctx, self.config.prediction), self.config.order + 1)
         history.skipped = 0
         self.counters.computed_calls += 1
         self.counters.computed_steps.append(ctx.step_index)
@@ -149,8 +157,9 @@ class AdaptiveABCacheCallHook:
         if partner < 1:
             return None  # one cached value (or order 1 with "lower"): no estimate, so no skip
         t = self._time(ctx)
-        prediction = extrapolate(history.times[-k:], history.values[-k:], t)
-        check = extrapolate(history.times[-partner:], history.values[-partner:], t)
+        blend = self.config.prediction
+        prediction = predicted_output(extrapolate(history.times[-k:], history.values[-k:], t), ctx, blend)
+        check = predicted_output(extrapolate(history.times[-partner:], history.values[-partner:], t), ctx, blend)
         if relative_error(prediction, check) > self.config.tolerance * self.scale():
             return None
         return prediction.to(history.dtype)
