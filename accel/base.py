@@ -23,8 +23,9 @@ class MethodConfig(BaseModel):
         "both", description="on two-expert pipelines (Wan 2.2): the transformer the method applies to: \"high\" "
                             "(`transformer`, high noise), \"low\" (`transformer_2`, low noise) or both")
 
-    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
-        """(knob, why) when a knob's value cannot run on the adapter's family (the method as a whole can)."""
+    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
+        """(knob, why) when a knob's value cannot run on this pipeline (its family's adapter, its scheduler) though
+        the method as a whole can."""
         return None
 
     def shorthand(self) -> str:

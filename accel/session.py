@@ -93,6 +93,7 @@ class StepContext:
     guidance: Literal["cond", "uncond", "batch", "extra"] = "cond"  # the call's role in the guidance combine
     transformer: str = "transformer"  # the pipeline attribute of the transformer being called
     latents: Any = None  # the call's `hidden_states` input (x_t and any concatenated conditioning), when it has one
+    sigma_next: float | None = None  # the noise level the scheduler steps to after this step
 
     def cache_context(self, name: str | None = None) -> CacheContext:
         """The diffusers `CacheContext` of this call (under another name, e.g. for a side pass)."""
@@ -265,14 +266,15 @@ class StepTracker:
         if plan is not None and step < len(plan.timesteps):
             t = plan.timesteps[step]
             sigma = plan.sigmas[step] if plan.sigmas is not None and step < len(plan.sigmas) else None
+            sigma_next = plan.sigmas[step + 1] if plan.sigmas is not None and step + 1 < len(plan.sigmas) else None
         else:
-            t, sigma = (value if value is not None else 0.0), None
+            t, sigma, sigma_next = (value if value is not None else 0.0), None, None
         branch, guidance = self._branch(outer)
         if transformer != "transformer":
             branch = f"{branch}@{transformer}"
         num_steps = (plan.num_steps if plan is not None else 0) or (outer.num_inference_steps if outer else 0) or 0
         return StepContext(step_index=step, branch=branch, timestep=float(t), sigma=sigma, num_steps=num_steps,
-                           guidance=guidance, transformer=transformer)
+                           guidance=guidance, transformer=transformer, sigma_next=sigma_next)
 
     def _branch(self, outer: CacheContext | None) -> tuple[str, str]:
         """(branch name, guidance role): the role is "cond", "uncond", "batch" (both halves in one call) or
@@ -387,7 +389,7 @@ class AccelSession:
             if method.families is not None and self.adapter.family not in method.families:
                 raise SpecError(f"{method.name}: not available for the {self.adapter.family} family; supported: "
                                 f"{', '.join(method.families)}", field=method.name)
-            if (problem := config.unsupported(self.adapter)) is not None:
+            if (problem := config.unsupported(self.adapter, pipe)) is not None:
                 raise SpecError(f"{method.name}.{problem[0]}: {problem[1]}", field=f"{method.name}.{problem[0]}")
             if config.expert != "both" and "transformer_2" not in self.transformers:
                 raise SpecError(f"{method.name}.expert: {config.expert!r} needs a pipeline with two experts "

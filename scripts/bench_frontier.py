@@ -75,6 +75,11 @@ def sweep(model: str, mag: str, schedules: list[tuple[str, str]]) -> list[tuple[
     rows += [("abcache_adaptive higher", f"abcache_adaptive:tolerance={t},estimate=higher") for t in (0.03, 0.05, 0.07)]
     rows += [("abcache_adaptive higher noise_blend", f"abcache_adaptive:tolerance={t},estimate=higher,prediction=noise_blend")
              for t in (0.03, 0.04, 0.05, 0.06, 0.07, 0.1)]
+    rows += [("abcache_adaptive correct", f"abcache_adaptive:tolerance={t},correct=true") for t in (0.05, 0.1, 0.15, 0.2, 0.3)]
+    rows += [("abcache_adaptive higher correct", f"abcache_adaptive:tolerance={t},estimate=higher,correct=true")
+             for t in (0.03, 0.05, 0.07, 0.1, 0.15)]
+    rows += [(line + " noise_blend", spec + ",prediction=noise_blend")  # the corrected schedules, with the blend
+             for line, spec in schedules if "correct=true" in spec]
     return rows
 
 
@@ -153,17 +158,16 @@ def run(args) -> dict:
     mag = calibrate_magcache(pipe, calibration_prompt, args.steps)
     schedules: list[tuple[str, str]] = []
     args.found_schedules = {}
-    for prediction in args.schedule_predictions:
-        line = "abcache calibrated" + ("" if prediction == "velocity" else f" {prediction}")
+    for knobs in args.schedule_knobs:
+        line = "abcache calibrated" + (f" {knobs}" if knobs else "")
         if not (re.search(args.only, line) and args.schedule_budgets):
             continue
         found = calibrate_schedules(pipe, default_prompts(args.model, args.schedule_prompts), args.steps,
-                                    args.schedule_budgets, seed=args.seed, prediction=prediction)
+                                    args.schedule_budgets, seed=args.seed, knobs=knobs)
         schedules += [(line, spec) for spec, _ in found.values()]
-        args.found_schedules[prediction] = {k: {"spec": spec, "calibration_psnr": round(value, 3)}
-                                            for k, (spec, value) in found.items()}
-        print(f"calibrated schedules ({prediction}):", {k: f"{spec} ({value:.2f} dB)" for k, (spec, value) in found.items()},
-              flush=True)
+        args.found_schedules[line] = {k: {"spec": spec, "calibration_psnr": round(value, 3)}
+                                      for k, (spec, value) in found.items()}
+        print(f"{line}:", {k: f"{spec} ({value:.2f} dB)" for k, (spec, value) in found.items()}, flush=True)
     settings = [(line, spec) for line, spec in sweep(args.model, mag, schedules) if re.search(args.only, line)]
     settings += [(spec.split(":")[0] + " (extra)", spec) for spec in args.spec]
     settings = [(line, spec) for line, spec in settings if line.split()[0] != "dbcache" or _has_cache_dit()]
@@ -316,8 +320,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--schedule-budgets", type=int, nargs="*", default=[3, 4, 5, 6, 7, 8, 9, 10],
                         help="computed steps per call of the calibrated AB-Cache schedules (none: skip the search)")
-    parser.add_argument("--schedule-predictions", nargs="*", default=["velocity", "noise_blend"],
-                        help="AB-Cache predictions a schedule search runs for (one line each)")
+    parser.add_argument("--schedule-knobs", nargs="*", default=["", "correct=true"],
+                        help="AB-Cache knobs a schedule search runs with, one search and one line each ('': the plain form)")
     parser.add_argument("--schedule-prompts", type=int, default=6,
                         help="calibration (training) captions the schedules are searched on")
     parser.add_argument("--out", default=None, help="JSON path (default out/frontier_<model>.json)")

@@ -33,6 +33,7 @@ from PIL import Image
 
 from accel import accelerate
 from accel.adapters import adapter_for
+from accel.caching.abcache import euler_steps
 from accel.methods import METHODS as REGISTRY
 from accel.models.pipelines import prepare
 from accel.session import AccelSession
@@ -205,9 +206,12 @@ def skipping_spec(pipe, method):
     if method == "prune":
         stack = next(iter(AccelSession(pipe, []).stacks))
         return f'prune:blocks=["{stack}.1"]'
+    spec = METHODS[method][1]
     if method == "abcache" and adapter_for(pipe).flow_output:  # AB-Cache's noise blend where it runs, velocity else
-        return METHODS[method][1] + ",prediction=noise_blend"
-    return METHODS[method][1]
+        spec += ",prediction=noise_blend"
+    if method in ("abcache", "abcache_adaptive") and euler_steps(pipe.scheduler):  # and the correction
+        spec += ",correct=true"
+    return spec
 
 
 _plain: dict[str, np.ndarray] = {}

@@ -318,3 +318,87 @@ def test_noise_blend_is_refused_where_the_output_is_not_a_flow_velocity(load, na
             pass
     with accelerate(pipe, f"{method}:prediction=velocity"):  # the method itself runs there
         pass
+
+
+# -- AB-Cache's correction (`correct=true`) ------------------------------------------------------------------------
+def _euler_with_hook(hook, velocity, sigmas):
+    """A fake Euler loop x += (sigma_next - sigma) * output over a denoiser whose output is velocity(step)."""
+    from accel.session import StepContext
+
+    x = torch.zeros(1, 3)
+    for step in range(len(sigmas) - 1):
+        ctx = StepContext(step_index=step, branch="cond", timestep=1000.0 * sigmas[step], sigma=sigmas[step],
+                          num_steps=len(sigmas) - 1, latents=x, sigma_next=sigmas[step + 1])
+        x = x + (sigmas[step + 1] - sigmas[step]) * hook(ctx, lambda s=step: velocity(s).clone())
+    return x
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["schedule", "adaptive"])
+def test_correction_moves_the_latents_as_if_the_skipped_steps_had_the_interpolated_outputs(adaptive):
+    """After a computed step the latents are exactly where they would be had each skipped step since the last
+    computed one returned the interpolation between the computed outputs around it (order 2: linear in the step
+    index), not the extrapolation; skipped steps after the last computed one keep theirs. Catches a correction with
+    the wrong sign, the wrong step's dsigma, a segment that is not reset, or points from the wrong side."""
+    from accel.caching.abcache import ABCacheCallHook, ABCacheConfig, ABCacheCounters, ABCacheState
+
+    def velocity(step):  # quadratic in the step index: order-2 extrapolation and interpolation both err
+        return torch.tensor([[1.0, -2.0, 0.5]]) * (1.0 + 0.3 * step + 0.05 * step * step)
+
+    sigmas = [1.0, 0.93, 0.85, 0.76, 0.66, 0.55, 0.43, 0.3, 0.16, 0.0]
+    computed = [0, 1, 4, 7]
+    if adaptive:
+        state, counters = AdaptiveABCacheState(), AdaptiveABCacheCounters()
+        config = AdaptiveABCacheConfig(tolerance=10.0, max_skip=2, correct=True)  # computes 0, 1, 4, 7
+        hook = AdaptiveABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
+    else:
+        state, counters = ABCacheState(), ABCacheCounters()
+        hook = ABCacheCallHook(ABCacheConfig(steps=computed, correct=True),
+                               type("M", (), {"get_state": lambda self: state})(), counters)
+    x = _euler_with_hook(hook, velocity, sigmas)
+    if adaptive:
+        assert counters.computed_steps == computed
+    expected = torch.zeros(1, 3)
+    for step in range(len(sigmas) - 1):
+        if step in computed:
+            v = velocity(step)
+        else:
+            a = max(c for c in computed if c < step)
+            later = [c for c in computed if c > step]
+            if later:  # interpolated between the computed steps around it
+                b = later[0]
+                v = velocity(a) + (step - a) / (b - a) * (velocity(b) - velocity(a))
+            else:  # after the last computed step: the order-2 extrapolation
+                p = max(c for c in computed if c < a)
+                v = velocity(a) + (step - a) / (a - p) * (velocity(a) - velocity(p))
+        expected = expected + (sigmas[step + 1] - sigmas[step]) * v
+    torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("spec", ["abcache:steps=[0,2,5],correct=true",
+                                  "abcache:steps=[0,2,5],correct=true,prediction=noise_blend",
+                                  "abcache_adaptive:tolerance=10,max_skip=2,correct=true"])
+def test_correction_is_exact_without_skips_and_counts_the_same_work(load, name, spec):
+    pipe = load(name)
+    plain = run(pipe, name, cfg=True, num_inference_steps=8)
+    everything = spec.replace("steps=[0,2,5]", "steps=[0,1,2,3,4,5,6,7]").replace("tolerance=10", "tolerance=0")
+    with accelerate(pipe, everything):
+        assert np.array_equal(plain, run(pipe, name, cfg=True, num_inference_steps=8))
+    method = spec.split(":")[0]
+    uncorrected = spec.replace(",correct=true", "")
+    reports = []
+    for s in (spec, uncorrected):
+        with accelerate(pipe, s) as report:
+            reports.append((run(pipe, name, cfg=True, num_inference_steps=8), report))
+    (out, report), (out_plain_form, report_plain_form) = reports
+    assert report.details[method].computed_calls == report_plain_form.details[method].computed_calls
+    assert np.isfinite(out).all() and not np.array_equal(out, out_plain_form)
+
+
+@pytest.mark.parametrize("name", ["tiny-wan", "tiny-pixart", "tiny-cogvideox"])
+@pytest.mark.parametrize("method", ["abcache", "abcache_adaptive"])
+def test_correction_is_refused_where_the_scheduler_is_not_euler(load, name, method):
+    pipe = load(name)
+    with pytest.raises(SpecError, match=f"{method}.correct: needs a scheduler whose step is latents"):
+        with accelerate(pipe, f"{method}:correct=true"):
+            pass

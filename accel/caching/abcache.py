@@ -30,6 +30,7 @@ CFG branch (the combine is linear, so this equals caching after it); SD3-style b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from math import comb
 from typing import Any, Literal
@@ -66,8 +67,13 @@ class ABCacheConfig(MethodConfig):
         "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
     )
 
-    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
-        return noise_blend_unsupported(self.prediction, adapter)
+    correct: bool = Field(
+        False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
+        "and move the latents by the difference (FlowMatch Euler schedulers)."
+    )
+
+    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
+        return knobs_unsupported(self, adapter, pipe)
 
     @field_validator("steps")
     @classmethod
@@ -94,11 +100,21 @@ def lagrange_weights(points: list[float], target: float) -> list[float]:
     return weights
 
 
-def noise_blend_unsupported(prediction: str, adapter: Any) -> tuple[str, str] | None:
-    if prediction == "noise_blend" and not adapter.flow_output:
+def knobs_unsupported(config: Any, adapter: Any, pipe: Any) -> tuple[str, str] | None:
+    """The knob of AB-Cache (or adaptive AB-Cache) that this pipeline cannot run, and why."""
+    if config.prediction == "noise_blend" and not adapter.flow_output:
         return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} family's is "
                               "not (use 'velocity')")
+    if config.correct and not euler_steps(getattr(pipe, "scheduler", None)):
+        return "correct", (f"needs a scheduler whose step is latents + (sigma_next - sigma) * output "
+                           f"(FlowMatchEulerDiscreteScheduler); this pipeline's is {type(pipe.scheduler).__name__}")
     return None
+
+
+def euler_steps(scheduler: Any) -> bool:
+    """Whether the scheduler moves the latents by (sigma_next - sigma) * output, deterministically."""
+    return (type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+            and not getattr(scheduler, "config", {}).get("stochastic_sampling", False))
 
 
 def _sigma(ctx: StepContext) -> float:
@@ -110,12 +126,15 @@ def _latents_like(ctx: StepContext, output: torch.Tensor) -> torch.Tensor:
     return ctx.latents[tuple(slice(0, n) for n in output.shape)].float()
 
 
-def cached_value(output: torch.Tensor, ctx: StepContext, prediction: str) -> torch.Tensor:
-    """What is cached for a computed output: itself, or (noise_blend) [v, eps] stacked, in float32."""
+def cached_value(output: torch.Tensor, ctx: StepContext, prediction: str,
+                 shift: torch.Tensor | None = None) -> torch.Tensor:
+    """What is cached for a computed output: itself, or (noise_blend) [v, eps] stacked, in float32 (eps with the
+    latents moved by `shift`, the correction this step applies)."""
     if prediction == "velocity":
         return output
     v = output.float()
-    return torch.stack([v, _latents_like(ctx, v) + (1.0 - _sigma(ctx)) * v])
+    latents = _latents_like(ctx, v) if shift is None else _latents_like(ctx, v) + shift
+    return torch.stack([v, latents + (1.0 - _sigma(ctx)) * v])
 
 
 def predicted_output(value: torch.Tensor, ctx: StepContext, prediction: str) -> torch.Tensor:
@@ -123,6 +142,40 @@ def predicted_output(value: torch.Tensor, ctx: StepContext, prediction: str) -> 
     if prediction == "velocity":
         return value
     return _sigma(ctx) * value[0] + value[1] - _latents_like(ctx, value[0])
+
+
+@dataclass
+class SkippedStep:
+    """An extrapolated step, as the correction needs it once the next computed output is known."""
+
+    time: float  # on the extrapolation's variable
+    dsigma: float  # sigma_next - sigma: the latents moved by dsigma * output
+    ctx: StepContext  # its sigma and latents (for the noise blend)
+    returned: torch.Tensor  # the extrapolated output, float32
+
+
+def skipped_step(ctx: StepContext, time: float, returned: torch.Tensor, prediction: str) -> SkippedStep:
+    if prediction == "noise_blend":  # keep this step's latents (the pipeline may reuse the tensor)
+        ctx = dataclasses.replace(ctx, latents=ctx.latents.clone())
+    return SkippedStep(time, float(ctx.sigma_next) - float(ctx.sigma), ctx, returned.float())
+
+
+def corrected(sample: torch.Tensor, ctx: StepContext, skipped: list[SkippedStep], times: list[float],
+              values: list[torch.Tensor], prediction: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(this computed step's output with the correction, the latents' shift it makes): each skipped step since the
+    last computed one is re-estimated by Lagrange interpolation through `times`/`values` (the cached points, this
+    step's last), and the latents, which moved by dsigma * extrapolation there, are moved by the sum of dsigma *
+    (interpolation - extrapolation) through this step's output (the scheduler moves them by its dsigma * output)."""
+    dsigma = float(ctx.sigma_next) - float(ctx.sigma)
+    if not skipped or dsigma == 0:
+        return sample, None
+    if len(set(times)) < len(times):  # repeated time values: interpolate nothing, the newest output holds
+        times, values = times[-1:], values[-1:]
+    shift = torch.zeros_like(skipped[0].returned)
+    for step in skipped:
+        interpolated = sum(w * v.float() for w, v in zip(lagrange_weights(times, step.time), values))
+        shift = shift + step.dsigma * (predicted_output(interpolated, step.ctx, prediction) - step.returned)
+    return (sample.float() + shift / dsigma).to(sample.dtype), shift
 
 
 def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
@@ -149,6 +202,7 @@ class ABCacheState(BaseState):
         self.outputs: list[torch.Tensor] = []  # cached values (`cached_value`)
         self.wrap: Any = None  # rebuilds the transformer's return structure around a tensor
         self.dtype: torch.dtype | None = None  # the denoiser output's dtype
+        self.skipped: list[SkippedStep] = []  # extrapolated steps since the last computed one (for `correct`)
 
     def push(self, step: int, time: float, output: torch.Tensor, keep: int) -> None:
         self.steps.append(step)
@@ -171,16 +225,26 @@ class ABCacheCallHook:
     def __call__(self, ctx: StepContext, call):
         history: ABCacheState = self.state.get_state()
         num_steps = ctx.num_steps or (ctx.step_index + 1)
+        blend = self.config.prediction
         if should_compute(self.config, ctx.step_index, num_steps) or not history.outputs:
             output = call()
             sample, history.wrap = unwrap_denoiser_output(output)
             history.dtype = sample.dtype
-            history.push(ctx.step_index, self._time(ctx), cached_value(sample, ctx, self.config.prediction),
-                         self.config.order)
+            value = cached_value(sample, ctx, blend)
+            if history.skipped:  # filled with `correct` only
+                first = max(0, len(history.outputs) - (self.config.order - 1))  # order points, this step's last
+                returned, shift = corrected(sample, ctx, history.skipped, history.times[first:] + [self._time(ctx)],
+                                            history.outputs[first:] + [value], blend)
+                history.skipped = []
+                if shift is not None:
+                    output, value = history.wrap(returned), cached_value(sample, ctx, blend, shift)
+            history.push(ctx.step_index, self._time(ctx), value, self.config.order)
             self.counters.computed_calls += 1
             return output
         self.counters.extrapolated_calls += 1
-        prediction = predicted_output(self.extrapolate(history, ctx), ctx, self.config.prediction)
+        prediction = predicted_output(self.extrapolate(history, ctx), ctx, blend)
+        if self.config.correct:
+            history.skipped.append(skipped_step(ctx, self._time(ctx), prediction, blend))
         return history.wrap(prediction.to(history.dtype))
 
     def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:

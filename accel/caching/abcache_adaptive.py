@@ -38,7 +38,9 @@ from pydantic import Field
 
 from accel.adapters import unwrap_denoiser_output
 from accel.base import Counters, Method, MethodConfig, MethodHandle
-from accel.caching.abcache import cached_value, lagrange_weights, noise_blend_unsupported, predicted_output
+from accel.caching.abcache import (
+    SkippedStep, cached_value, corrected, knobs_unsupported, lagrange_weights, predicted_output, skipped_step,
+)
 from accel.session import AccelSession, StepContext
 
 
@@ -65,8 +67,13 @@ class AdaptiveABCacheConfig(MethodConfig):
         "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
     )
 
-    def unsupported(self, adapter: Any) -> tuple[str, str] | None:
-        return noise_blend_unsupported(self.prediction, adapter)
+    correct: bool = Field(
+        False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
+        "and move the latents by the difference (FlowMatch Euler schedulers)."
+    )
+
+    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
+        return knobs_unsupported(self, adapter, pipe)
 
 
 @dataclass
@@ -88,6 +95,7 @@ class AdaptiveABCacheState(BaseState):
         self.skipped = 0
         self.wrap: Any = None
         self.dtype: torch.dtype | None = None  # the denoiser output's dtype
+        self.skipped_steps: list[SkippedStep] = []  # extrapolated steps since the last computed one (for `correct`)
 
     def push(self, time: float, value: torch.Tensor, keep: int) -> None:
         self.times.append(time)
@@ -140,18 +148,28 @@ class AdaptiveABCacheCallHook:
             if prediction is not None:
                 history.skipped += 1
                 self.counters.extrapolated_calls += 1
-                return history.wrap(prediction)
+                if self.config.correct:
+                    history.skipped_steps.append(skipped_step(ctx, self._time(ctx), prediction, self.config.prediction))
+                return history.wrap(prediction.to(history.dtype))
         output = call()
         sample, history.wrap = unwrap_denoiser_output(output)
         history.dtype = sample.dtype
-        history.push(self._time(ctx), cached_value(sample, ctx, self.config.prediction), self.config.order + 1)
+        value = cached_value(sample, ctx, self.config.prediction)
+        if history.skipped_steps:  # filled with `correct` only
+            first = max(0, len(history.values) - (self.config.order - 1))  # order points, this step's last
+            returned, shift = corrected(sample, ctx, history.skipped_steps, history.times[first:] + [self._time(ctx)],
+                                        history.values[first:] + [value], self.config.prediction)
+            history.skipped_steps = []
+            if shift is not None:
+                output, value = history.wrap(returned), cached_value(sample, ctx, self.config.prediction, shift)
+        history.push(self._time(ctx), value, self.config.order + 1)
         history.skipped = 0
         self.counters.computed_calls += 1
         self.counters.computed_steps.append(ctx.step_index)
         return output
 
     def predict(self, history: AdaptiveABCacheState, ctx: StepContext) -> torch.Tensor | None:
-        """The extrapolated output of this step, or None when the error estimate exceeds the tolerance."""
+        """The extrapolated output of this step (float32), or None when the error estimate exceeds the tolerance."""
         k = min(self.config.order, len(history.values))
         partner = k + 1 if self.config.estimate == "higher" and len(history.values) > k else k - 1
         if partner < 1:
@@ -162,7 +180,7 @@ class AdaptiveABCacheCallHook:
         check = predicted_output(extrapolate(history.times[-partner:], history.values[-partner:], t), ctx, blend)
         if relative_error(prediction, check) > self.config.tolerance * self.scale():
             return None
-        return prediction.to(history.dtype)
+        return prediction
 
 
 def apply_abcache_adaptive(session: AccelSession, config: AdaptiveABCacheConfig) -> MethodHandle:

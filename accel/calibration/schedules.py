@@ -24,9 +24,9 @@ def evenly_spaced(budget: int, steps: int) -> list[int]:
     return sorted({round(i * steps / budget) for i in range(budget)})
 
 
-def schedule_spec(schedule: list[int], order: int = 2, prediction: str = "velocity") -> str:
-    blend = "" if prediction == "velocity" else f",prediction={prediction}"
-    return f"abcache:order={order},steps=[{','.join(map(str, schedule))}]{blend}"
+def schedule_spec(schedule: list[int], order: int = 2, knobs: str = "") -> str:
+    """The AB-Cache spec computing `schedule`, with other AB-Cache `knobs` ("correct=true,...") appended."""
+    return f"abcache:order={order},steps=[{','.join(map(str, schedule))}]" + (f",{knobs}" if knobs else "")
 
 
 def search_schedule(score: Callable[[list[int]], float], budget: int, steps: int, reach: int = 3,
@@ -56,9 +56,10 @@ def search_schedule(score: Callable[[list[int]], float], budget: int, steps: int
 
 
 def calibrate_schedules(pipe: Any, prompts: list[str], steps: int, budgets: list[int], seed: int = 0,
-                        order: int = 2, prediction: str = "velocity") -> dict[int, tuple[str, float]]:
+                        order: int = 2, knobs: str = "") -> dict[int, tuple[str, float]]:
     """{budget: (spec, mean PSNR on the calibration prompts)} for `pipe` at `steps` steps (its default size), for
-    AB-Cache's `prediction` (a schedule suits the prediction it was searched with)."""
+    AB-Cache with these other `knobs` (a schedule suits the predictor it was searched with: with `correct=true` longer
+    gaps pay)."""
     from accel.generate import GenerationParams, generate
 
     def run(prompt: str, spec: str | None) -> np.ndarray:
@@ -67,12 +68,12 @@ def calibrate_schedules(pipe: Any, prompts: list[str], steps: int, budgets: list
     plain = {prompt: run(prompt, None) for prompt in prompts}
 
     def score(schedule: list[int]) -> float:
-        spec = schedule_spec(schedule, order, prediction)
+        spec = schedule_spec(schedule, order, knobs)
         return float(np.mean([psnr(plain[p], run(p, spec)) for p in prompts]))
 
     found, schedule = {}, None
     for budget in range(min(budgets), max(budgets) + 1):  # every budget in between seeds the next one
         schedule, value = search_schedule(score, budget, steps, previous=schedule)
         if budget in budgets:
-            found[budget] = (schedule_spec(schedule, order, prediction), value)
+            found[budget] = (schedule_spec(schedule, order, knobs), value)
     return found
