@@ -349,11 +349,12 @@ def test_correction_moves_the_latents_as_if_the_skipped_steps_had_the_interpolat
     if adaptive:
         state, counters = AdaptiveABCacheState(), AdaptiveABCacheCounters()
         config = AdaptiveABCacheConfig(tolerance=10.0, max_skip=2, correct=True)  # computes 0, 1, 4, 7
-        hook = AdaptiveABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters)
+        hook = AdaptiveABCacheCallHook(config, type("M", (), {"get_state": lambda self: state})(), counters,
+                                       correct=True)
     else:
         state, counters = ABCacheState(), ABCacheCounters()
         hook = ABCacheCallHook(ABCacheConfig(steps=computed, correct=True),
-                               type("M", (), {"get_state": lambda self: state})(), counters)
+                               type("M", (), {"get_state": lambda self: state})(), counters, correct=True)
     x = _euler_with_hook(hook, velocity, sigmas)
     if adaptive:
         assert counters.computed_steps == computed
@@ -398,10 +399,27 @@ def test_correction_is_exact_without_skips_and_counts_the_same_work(load, name, 
 @pytest.mark.parametrize("name", ["tiny-wan", "tiny-pixart", "tiny-cogvideox"])
 @pytest.mark.parametrize("method", ["abcache", "abcache_adaptive"])
 def test_correction_is_refused_where_the_scheduler_is_not_euler(load, name, method):
+    """correct=true is refused by name; correct=auto runs there without it (bit-identical to correct=false)."""
     pipe = load(name)
     with pytest.raises(SpecError, match=f"{method}.correct: needs a scheduler whose step is latents"):
         with accelerate(pipe, f"{method}:correct=true"):
             pass
+    if name == "tiny-wan":
+        skipping = {"abcache": "abcache:warmup=1,interval=3", "abcache_adaptive": SKIPPING}[method]
+        outputs = []
+        for correct in ("auto", "false"):
+            with accelerate(pipe, f"{skipping},correct={correct}"):
+                outputs.append(run(pipe, name, cfg=True, num_inference_steps=8))
+        assert np.array_equal(*outputs)
+
+
+def test_correct_auto_corrects_on_euler_schedulers(load):
+    pipe = load("tiny-flux")
+    outputs = {}
+    for correct in ("auto", "true", "false"):
+        with accelerate(pipe, f"abcache:warmup=1,interval=3,correct={correct}"):
+            outputs[correct] = run(pipe, "tiny-flux", num_inference_steps=8)
+    assert np.array_equal(outputs["auto"], outputs["true"]) and not np.array_equal(outputs["auto"], outputs["false"])
 
 
 def test_correction_raises_fidelity_on_the_trained_model(load, one_thread):

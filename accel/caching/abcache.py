@@ -67,9 +67,9 @@ class ABCacheConfig(MethodConfig):
         "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
     )
 
-    correct: bool = Field(
+    correct: bool | Literal["auto"] = Field(
         False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
-        "and move the latents by the difference (FlowMatch Euler schedulers)."
+        "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
     )
 
     def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
@@ -105,10 +105,15 @@ def knobs_unsupported(config: Any, adapter: Any, pipe: Any) -> tuple[str, str] |
     if config.prediction == "noise_blend" and not adapter.flow_output:
         return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} family's is "
                               "not (use 'velocity')")
-    if config.correct and not euler_steps(getattr(pipe, "scheduler", None)):
+    if config.correct is True and not euler_steps(getattr(pipe, "scheduler", None)):
         return "correct", (f"needs a scheduler whose step is latents + (sigma_next - sigma) * output "
                            f"(FlowMatchEulerDiscreteScheduler); this pipeline's is {type(pipe.scheduler).__name__}")
     return None
+
+
+def corrects(config: Any, pipe: Any) -> bool:
+    """Whether the correction runs: `correct=true`, or "auto" on a FlowMatch Euler scheduler."""
+    return config.correct is True or (config.correct == "auto" and euler_steps(getattr(pipe, "scheduler", None)))
 
 
 def euler_steps(scheduler: Any) -> bool:
@@ -214,8 +219,8 @@ class ABCacheState(BaseState):
 class ABCacheCallHook:
     """Call hook: runs the denoiser on refresh steps, extrapolates its output on the others."""
 
-    def __init__(self, config: ABCacheConfig, state: StateManager, counters: ABCacheCounters):
-        self.config, self.state, self.counters = config, state, counters
+    def __init__(self, config: ABCacheConfig, state: StateManager, counters: ABCacheCounters, correct: bool = False):
+        self.config, self.state, self.counters, self.correct = config, state, counters, correct
 
     def _time(self, ctx: StepContext) -> float:
         if self.config.spacing == "sigmas" and ctx.sigma is not None:
@@ -243,7 +248,7 @@ class ABCacheCallHook:
             return output
         self.counters.extrapolated_calls += 1
         prediction = predicted_output(self.extrapolate(history, ctx), ctx, blend)
-        if self.config.correct:
+        if self.correct:
             history.skipped.append(skipped_step(ctx, self._time(ctx), prediction, blend))
         return history.wrap(prediction.to(history.dtype))
 
@@ -265,7 +270,8 @@ class ABCacheCallHook:
 
 def apply_abcache(session: AccelSession, config: ABCacheConfig) -> MethodHandle:
     counters = ABCacheCounters()
-    session.add_call_hook(ABCacheCallHook(config, session.branch_state(ABCacheState), counters))
+    session.add_call_hook(ABCacheCallHook(config, session.branch_state(ABCacheState), counters,
+                                          corrects(config, session.pipe)))
     return MethodHandle(counters)
 
 

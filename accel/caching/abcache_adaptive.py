@@ -39,7 +39,8 @@ from pydantic import Field
 from accel.adapters import unwrap_denoiser_output
 from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.caching.abcache import (
-    SkippedStep, cached_value, corrected, knobs_unsupported, lagrange_weights, predicted_output, skipped_step,
+    SkippedStep, cached_value, corrected, corrects, knobs_unsupported, lagrange_weights, predicted_output,
+    skipped_step,
 )
 from accel.session import AccelSession, StepContext
 
@@ -67,9 +68,9 @@ class AdaptiveABCacheConfig(MethodConfig):
         "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
     )
 
-    correct: bool = Field(
+    correct: bool | Literal["auto"] = Field(
         False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
-        "and move the latents by the difference (FlowMatch Euler schedulers)."
+        "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
     )
 
     def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
@@ -128,8 +129,8 @@ class AdaptiveABCacheCallHook:
     """Call hook: extrapolates when the embedded error estimate allows it, runs the denoiser otherwise."""
 
     def __init__(self, config: AdaptiveABCacheConfig, state: StateManager, counters: AdaptiveABCacheCounters,
-                 scale=lambda: 1.0):
-        self.config, self.state, self.counters = config, state, counters
+                 scale=lambda: 1.0, correct: bool = False):
+        self.config, self.state, self.counters, self.correct = config, state, counters, correct
         self.scale = scale  # the session's per-call tolerance_scale (a fidelity guard lowers it; 1.0 otherwise)
 
     def _time(self, ctx: StepContext) -> float:
@@ -148,7 +149,7 @@ class AdaptiveABCacheCallHook:
             if prediction is not None:
                 history.skipped += 1
                 self.counters.extrapolated_calls += 1
-                if self.config.correct:
+                if self.correct:
                     history.skipped_steps.append(skipped_step(ctx, self._time(ctx), prediction, self.config.prediction))
                 return history.wrap(prediction.to(history.dtype))
         output = call()
@@ -186,7 +187,8 @@ class AdaptiveABCacheCallHook:
 def apply_abcache_adaptive(session: AccelSession, config: AdaptiveABCacheConfig) -> MethodHandle:
     counters = AdaptiveABCacheCounters()
     session.add_call_hook(AdaptiveABCacheCallHook(config, session.branch_state(AdaptiveABCacheState), counters,
-                                                  lambda: getattr(session, "tolerance_scale", 1.0)))
+                                                  lambda: getattr(session, "tolerance_scale", 1.0),
+                                                  corrects(config, session.pipe)))
     return MethodHandle(counters)
 
 
