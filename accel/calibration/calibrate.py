@@ -76,16 +76,22 @@ def default_prompts(model: str | None, count: int) -> list[str]:
 def default_sweep(pipe: Any) -> list[tuple[str, str]]:
     """(line, spec) of every setting: each caching method's main knob, where the model's family supports it."""
     from accel.adapters import adapter_for
+    from accel.caching.abcache import euler_steps
 
     family = adapter_for(pipe).family
     rows = [("abcache_adaptive", f"abcache_adaptive:tolerance={t}")
             for t in (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)]
+    if euler_steps(pipe.scheduler):  # with the corrector (docs/accelerators.md), on FlowMatch Euler schedulers
+        rows += [("abcache_adaptive corrected", f"abcache_adaptive:tolerance={t},correct=true")
+                 for t in (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3)]
+        rows += [("abcache_adaptive corrected", f"abcache_adaptive:tolerance={t},estimate=higher,correct=true")
+                 for t in (0.03, 0.05, 0.07)]
     rows += [("abcache", f"abcache:interval={n},order={o}") for o in (1, 2) for n in (2, 3, 4, 6)]
     rows += [("sortblock", f"sortblock:K={k},beta={b}") for k in (3, 5, 8) for b in (0.1, 0.3)]
     rows += [("taylorseer", f"taylorseer:cache_interval={n}") for n in (2, 3, 4, 6)]
     rows += [("fbcache", f"fbcache:threshold={t}") for t in (0.05, 0.1, 0.2, 0.3)]
     return [(line, spec) for line, spec in rows
-            if METHODS[line].families is None or family in METHODS[line].families]
+            if METHODS[line.split()[0]].families is None or family in METHODS[line.split()[0]].families]
 
 
 def state_path(out: str | Path) -> Path:
