@@ -309,14 +309,22 @@ def test_noise_blend_schedule_is_exact_at_full_schedule_and_counts_its_steps(loa
     assert report.details["abcache"].extrapolated_calls == report.transformer_calls - report.details["abcache"].computed_calls > 0
 
 
-@pytest.mark.parametrize("name", ["tiny-pixart", "tiny-zimage", "tiny-cogvideox", "tiny-ltx"])
+REFUSED = [("prediction=noise_blend", name, "prediction: 'noise_blend' needs a flow-matching velocity")
+           for name in ("tiny-pixart", "tiny-zimage", "tiny-cogvideox", "tiny-ltx")]
+REFUSED += [("correct=true", name, "correct: needs a scheduler whose step is latents")
+            for name in ("tiny-wan", "tiny-pixart", "tiny-cogvideox")]
+
+
+@pytest.mark.parametrize("knob,name,message", REFUSED, ids=[f"{k}-{n}" for k, n, _ in REFUSED])
 @pytest.mark.parametrize("method", ["abcache", "abcache_adaptive"])
-def test_noise_blend_is_refused_where_the_output_is_not_a_flow_velocity(load, name, method):
+def test_a_predictor_knob_the_pipeline_cannot_run_is_refused_by_name(load, knob, name, message, method):
+    """noise_blend where the output is not a flow velocity, correct=true where the scheduler is not Euler; the
+    method itself runs there."""
     pipe = load(name)
-    with pytest.raises(SpecError, match=f"{method}.prediction: 'noise_blend' needs a flow-matching velocity"):
-        with accelerate(pipe, f"{method}:prediction=noise_blend"):
+    with pytest.raises(SpecError, match=f"{method}.{message}"):
+        with accelerate(pipe, f"{method}:{knob}"):
             pass
-    with accelerate(pipe, f"{method}:prediction=velocity"):  # the method itself runs there
+    with accelerate(pipe, method):
         pass
 
 
@@ -396,21 +404,15 @@ def test_correction_is_exact_without_skips_and_counts_the_same_work(load, name, 
     assert np.isfinite(out).all() and not np.array_equal(out, out_plain_form)
 
 
-@pytest.mark.parametrize("name", ["tiny-wan", "tiny-pixart", "tiny-cogvideox"])
 @pytest.mark.parametrize("method", ["abcache", "abcache_adaptive"])
-def test_correction_is_refused_where_the_scheduler_is_not_euler(load, name, method):
-    """correct=true is refused by name; correct=auto runs there without it (bit-identical to correct=false)."""
-    pipe = load(name)
-    with pytest.raises(SpecError, match=f"{method}.correct: needs a scheduler whose step is latents"):
-        with accelerate(pipe, f"{method}:correct=true"):
-            pass
-    if name == "tiny-wan":
-        skipping = {"abcache": "abcache:warmup=1,interval=3", "abcache_adaptive": SKIPPING}[method]
-        outputs = []
-        for correct in ("auto", "false"):
-            with accelerate(pipe, f"{skipping},correct={correct}"):
-                outputs.append(run(pipe, name, cfg=True, num_inference_steps=8))
-        assert np.array_equal(*outputs)
+def test_correct_auto_runs_uncorrected_where_the_scheduler_is_not_euler(load, method):
+    pipe = load("tiny-wan")
+    skipping = {"abcache": "abcache:warmup=1,interval=3", "abcache_adaptive": SKIPPING}[method]
+    outputs = []
+    for correct in ("auto", "false"):
+        with accelerate(pipe, f"{skipping},correct={correct}"):
+            outputs.append(run(pipe, "tiny-wan", cfg=True, num_inference_steps=8))
+    assert np.array_equal(*outputs)
 
 
 def test_correct_auto_corrects_on_euler_schedulers(load):

@@ -45,7 +45,29 @@ from accel.base import Counters, Method, MethodConfig, MethodHandle
 from accel.session import AccelSession, StepContext
 
 
-class ABCacheConfig(MethodConfig):
+class PredictorKnobs(MethodConfig):
+    """The predictor knobs both AB-Cache methods share (module docstring; docs/accelerators.md)."""
+
+    prediction: Literal["velocity", "noise_blend"] = Field(
+        "velocity", description="What is extrapolated: the denoiser's output, or (flow-matching families) also its "
+        "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
+    )
+    correct: bool | Literal["auto"] = Field(
+        False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
+        "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
+    )
+
+    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
+        if self.prediction == "noise_blend" and not adapter.flow_output:
+            return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} "
+                                  "family's is not (use 'velocity')")
+        if self.correct is True and not euler_steps(getattr(pipe, "scheduler", None)):
+            return "correct", (f"needs a scheduler whose step is latents + (sigma_next - sigma) * output "
+                               f"(FlowMatchEulerDiscreteScheduler); this pipeline's is {type(pipe.scheduler).__name__}")
+        return None
+
+
+class ABCacheConfig(PredictorKnobs):
     """Knobs of AB-Cache. Defaults: the authors' schedule; spacing="steps", measured best on shapes-flux, bench-flux
     and tiny-wan (docs/benchmarks.md)."""
 
@@ -62,18 +84,6 @@ class ABCacheConfig(MethodConfig):
         "steps", description="Extrapolation variable: scheduler sigmas (Lagrange), step indices, or the authors' "
         "fixed binomial weights."
     )
-    prediction: Literal["velocity", "noise_blend"] = Field(
-        "velocity", description="What is extrapolated: the denoiser's output, or (flow-matching families) also its "
-        "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
-    )
-
-    correct: bool | Literal["auto"] = Field(
-        False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
-        "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
-    )
-
-    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
-        return knobs_unsupported(self, adapter, pipe)
 
     @field_validator("steps")
     @classmethod
@@ -98,17 +108,6 @@ def lagrange_weights(points: list[float], target: float) -> list[float]:
                 w *= (target - xm) / (xj - xm)
         weights.append(w)
     return weights
-
-
-def knobs_unsupported(config: Any, adapter: Any, pipe: Any) -> tuple[str, str] | None:
-    """The knob of AB-Cache (or adaptive AB-Cache) that this pipeline cannot run, and why."""
-    if config.prediction == "noise_blend" and not adapter.flow_output:
-        return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} family's is "
-                              "not (use 'velocity')")
-    if config.correct is True and not euler_steps(getattr(pipe, "scheduler", None)):
-        return "correct", (f"needs a scheduler whose step is latents + (sigma_next - sigma) * output "
-                           f"(FlowMatchEulerDiscreteScheduler); this pipeline's is {type(pipe.scheduler).__name__}")
-    return None
 
 
 def corrects(config: Any, pipe: Any) -> bool:

@@ -37,15 +37,14 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from pydantic import Field
 
 from accel.adapters import unwrap_denoiser_output
-from accel.base import Counters, Method, MethodConfig, MethodHandle
+from accel.base import Counters, Method, MethodHandle
 from accel.caching.abcache import (
-    SkippedStep, cached_value, corrected, corrects, knobs_unsupported, lagrange_weights, predicted_output,
-    skipped_step,
+    PredictorKnobs, SkippedStep, cached_value, corrected, corrects, lagrange_weights, predicted_output, skipped_step,
 )
 from accel.session import AccelSession, StepContext
 
 
-class AdaptiveABCacheConfig(MethodConfig):
+class AdaptiveABCacheConfig(PredictorKnobs):
     """Knobs of adaptive AB-Cache. Defaults: measured on shapes-flux (docs/benchmarks.md, "Caching frontier")."""
 
     method: Literal["abcache_adaptive"] = "abcache_adaptive"
@@ -63,18 +62,6 @@ class AdaptiveABCacheConfig(MethodConfig):
         "default, measured best) or order + 1 points (the prediction's own truncation error).",
     )
     spacing: Literal["steps", "sigmas"] = Field("steps", description="Extrapolation variable: step index or sigma.")
-    prediction: Literal["velocity", "noise_blend"] = Field(
-        "velocity", description="What is extrapolated: the denoiser's output, or (flow-matching families) also its "
-        "noise prediction, blended with the current latents (sigma * v + eps - x_t)."
-    )
-
-    correct: bool | Literal["auto"] = Field(
-        False, description="On each computed step, re-estimate the skipped steps since the last one by interpolation "
-        "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
-    )
-
-    def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
-        return knobs_unsupported(self, adapter, pipe)
 
 
 @dataclass
