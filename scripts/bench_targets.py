@@ -119,12 +119,13 @@ def fronts(args) -> str:
     lines = []
     for path in sorted(PROFILES_DIR.glob("*.json")):
         profile = load_profile(path)
+        name = path.stem  # the model, or model+adapter for a LoRA adapter set's profile
         for bucket in profile.buckets:
             tag = " (random weights: the numbers exercise the machinery only)" if profile.random_weights else ""
-            lines += ["", f"#### `{profile.model}`{tag}", "",
+            lines += ["", f"#### `{name}`{tag}", "",
                       f"{bucket.describe()}, {len(bucket.prompts)} calibration prompt(s), {len(bucket.settings)} "
                       f"settings, device {profile.device}. Command: `{profile.command}`."
-                      + (f" Plot: `docs/pareto_{profile.model}.png`." if args.plots else ""), "",
+                      + (f" Plot: `docs/pareto_{name}.png`." if args.plots else ""), "",
                       "| setting on the front | work | speedup (measured) | PSNR median (dB) | PSNR p10 (dB) |",
                       "|---|---|---|---|---|"]
             for spec in bucket.front:
@@ -135,7 +136,7 @@ def fronts(args) -> str:
                 lines += ["", "Estimator fit (calibration runs), mean absolute error per method: " + ", ".join(
                     f"{m} {v:.1f} dB" for m, v in profile.estimator.mae_db.items()) + "."]
         if args.plots:
-            plot(profile, ROOT / "docs" / f"pareto_{profile.model}.png")
+            plot(profile, ROOT / "docs" / f"pareto_{name}.png")
     return "\n".join(lines) + "\n"
 
 

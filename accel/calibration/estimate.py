@@ -78,11 +78,14 @@ REUSE_ORDER = {"abcache": 1, "abcache_adaptive": 1, "sortblock": 0}  # the `orde
 
 def estimate_key(spec: Any) -> str | None:
     """The key of the estimator's fit for a spec: its primary method, "<method> order 1" when it reuses its last
-    output as is (AB-Cache order 1, Sortblock order 0), whose error grows linearly with the distance."""
+    output as is (AB-Cache order 1, Sortblock order 0), whose error grows linearly with the distance; "<method>
+    corrected" with AB-Cache's corrector (`correct` true or auto), which makes the same online error cost less PSNR."""
     method = primary_method(spec)
     config = spec.method(method) if method else None
     reuse = method in REUSE_ORDER and getattr(config, "order", None) == REUSE_ORDER[method]
-    return f"{method} order 1" if reuse else method
+    if reuse:
+        return f"{method} order 1"
+    return f"{method} corrected" if getattr(config, "correct", False) else method
 
 
 class ObserverState(BaseState):
