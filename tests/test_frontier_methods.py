@@ -447,3 +447,19 @@ def test_correction_raises_fidelity_on_the_trained_model(load, one_thread):
         schedule = "abcache:steps=[0,2,5,8,12,18,24]"
         gains.append(psnr(plain, image(schedule + ",correct=true")) - psnr(plain, image(schedule)))
     assert np.mean(gains) > 3.0 and min(gains) > -0.5, gains
+
+
+def test_correction_without_sigmas_corrects_nothing():
+    """Without the scheduler's sigmas (a transformer called with no plan) nothing is corrected, and nothing fails."""
+    from accel.caching.abcache import ABCacheCallHook, ABCacheConfig, ABCacheCounters, ABCacheState
+    from accel.session import StepContext
+
+    outputs = {}
+    for correct in (True, False):
+        state = ABCacheState()
+        hook = ABCacheCallHook(ABCacheConfig(steps=[0, 1, 4]), type("M", (), {"get_state": lambda self: state})(),
+                               ABCacheCounters(), correct=correct)
+        outputs[correct] = [hook(StepContext(step_index=i, branch="cond", timestep=float(i), sigma=None, num_steps=6),
+                                 lambda i=i: torch.full((1, 2), float(i * i))) for i in range(6)]
+    for a, b in zip(outputs[True], outputs[False]):
+        assert torch.equal(a, b)

@@ -158,7 +158,10 @@ class SkippedStep:
     returned: torch.Tensor  # the extrapolated output, float32
 
 
-def skipped_step(ctx: StepContext, time: float, returned: torch.Tensor, prediction: str) -> SkippedStep:
+def skipped_step(ctx: StepContext, time: float, returned: torch.Tensor, prediction: str) -> SkippedStep | None:
+    """The record of an extrapolated step, or None without the scheduler's plan (no sigmas: nothing to correct)."""
+    if ctx.sigma is None or ctx.sigma_next is None:
+        return None
     if prediction == "noise_blend":  # keep this step's latents (the pipeline may reuse the tensor)
         ctx = dataclasses.replace(ctx, latents=ctx.latents.clone())
     return SkippedStep(time, float(ctx.sigma_next) - float(ctx.sigma), ctx, returned.float())
@@ -170,9 +173,9 @@ def corrected(sample: torch.Tensor, ctx: StepContext, skipped: list[SkippedStep]
     last computed one is re-estimated by Lagrange interpolation through `times`/`values` (the cached points, this
     step's last), and the latents, which moved by dsigma * extrapolation there, are moved by the sum of dsigma *
     (interpolation - extrapolation) through this step's output (the scheduler moves them by its dsigma * output)."""
-    dsigma = float(ctx.sigma_next) - float(ctx.sigma)
-    if not skipped or dsigma == 0:
+    if not skipped or ctx.sigma is None or ctx.sigma_next is None or ctx.sigma_next == ctx.sigma:
         return sample, None
+    dsigma = float(ctx.sigma_next) - float(ctx.sigma)
     if len(set(times)) < len(times):  # repeated time values: interpolate nothing, the newest output holds
         times, values = times[-1:], values[-1:]
     shift = torch.zeros_like(skipped[0].returned)
@@ -247,8 +250,8 @@ class ABCacheCallHook:
             return output
         self.counters.extrapolated_calls += 1
         prediction = predicted_output(self.extrapolate(history, ctx), ctx, blend)
-        if self.correct:
-            history.skipped.append(skipped_step(ctx, self._time(ctx), prediction, blend))
+        if self.correct and (record := skipped_step(ctx, self._time(ctx), prediction, blend)) is not None:
+            history.skipped.append(record)
         return history.wrap(prediction.to(history.dtype))
 
     def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:

@@ -136,8 +136,9 @@ class AdaptiveABCacheCallHook:
             if prediction is not None:
                 history.skipped += 1
                 self.counters.extrapolated_calls += 1
-                if self.correct:
-                    history.skipped_steps.append(skipped_step(ctx, self._time(ctx), prediction, self.config.prediction))
+                if self.correct and (record := skipped_step(ctx, self._time(ctx), prediction,
+                                                            self.config.prediction)) is not None:
+                    history.skipped_steps.append(record)
                 return history.wrap(prediction.to(history.dtype))
         output = call()
         sample, history.wrap = unwrap_denoiser_output(output)
