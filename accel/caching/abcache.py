@@ -21,6 +21,14 @@ model treats them as content) and whose eps changes slowly there. Measured on sh
 "Caching frontier"); pure noise (or data x0 = x_t - sigma v) prediction was worse: eps_hat / (1 - sigma) amplifies the
 extrapolation's error near sigma = 1, and x0 is not smooth early.
 
+Correction (`correct`, an extension beyond the paper; FlowMatch Euler schedulers): Adams-Bashforth predicts a skipped
+step from computed steps behind it; once the next step is computed, the outputs on both sides are known. On each
+computed step the steps skipped since the last one are re-estimated by Lagrange interpolation through the cached
+points and this step's output (order 2: linear between the computed steps around them), and this step's output gets
+sum_j dsigma_j (interpolated_j - extrapolated_j) / dsigma: the Euler step moves the latents by dsigma * output, so
+they land where the interpolated outputs would have put them (Adams-Moulton's use of the new point, applied after
+the fact; no extra denoiser call). "auto" corrects where the scheduler is FlowMatch Euler and not elsewhere.
+
 Refresh schedule (authors: warmup 5, interval 6 over 50 steps, i.e. 13 of 50 computed): a step i runs the
 transformer if i < warmup, or i >= steps - final, or i % interval == 0; otherwise it is extrapolated. Or an explicit
 list of computed steps (`steps=[0, 3, 8, ...]`): a schedule calibrated once per model and step count
