@@ -140,6 +140,9 @@ def test_skipping_changes_the_output_a_little(load):
         ("abcache_adaptive:estimate=middle", "abcache_adaptive.estimate"),
         ("abcache_adaptive:spacing=cubic", "abcache_adaptive.spacing"),
         ("abcache_adaptive:interval=3", "abcache_adaptive.interval"),
+        ("abcache_adaptive:correct=maybe", "abcache_adaptive.correct"),
+        ("abcache:correct=1", "abcache.correct"),
+        ("abcache:prediction=noise", "abcache.prediction"),
     ],
 )
 def test_bad_knobs_name_the_field(bad, field):

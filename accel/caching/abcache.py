@@ -65,6 +65,15 @@ class PredictorKnobs(MethodConfig):
         "and move the latents by the difference (FlowMatch Euler schedulers; \"auto\": where the scheduler is one)."
     )
 
+    @field_validator("correct", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"should be true, false or \"auto\", got {value!r}")
+
     def unsupported(self, adapter: Any, pipe: Any) -> tuple[str, str] | None:
         if self.prediction == "noise_blend" and not adapter.flow_output:
             return "prediction", (f"'noise_blend' needs a flow-matching velocity output; the {adapter.family} "
