@@ -127,6 +127,17 @@ def lagrange_weights(points: list[float], target: float) -> list[float]:
     return weights
 
 
+def extrapolate(times: list[float], values: list[torch.Tensor], target: float) -> torch.Tensor:
+    """Lagrange extrapolation (or interpolation) through (times, values) to `target`, in float32 (plain reuse of the
+    newest value on repeated times)."""
+    if len(set(times)) < len(times):
+        return values[-1].float()
+    result = torch.zeros_like(values[-1], dtype=torch.float32)
+    for w, value in zip(lagrange_weights(times, target), values):
+        result = result + w * value.float()
+    return result
+
+
 def corrects(config: Any, pipe: Any) -> bool:
     """Whether the correction runs: `correct=true`, or "auto" on a FlowMatch Euler scheduler."""
     return config.correct is True or (config.correct == "auto" and euler_steps(getattr(pipe, "scheduler", None)))
@@ -192,14 +203,27 @@ def corrected(sample: torch.Tensor, ctx: StepContext, skipped: list[SkippedStep]
     (interpolation - extrapolation) through this step's output (the scheduler moves them by its dsigma * output)."""
     if not skipped or ctx.sigma is None or ctx.sigma_next is None or ctx.sigma_next == ctx.sigma:
         return sample, None
-    dsigma = float(ctx.sigma_next) - float(ctx.sigma)
-    if len(set(times)) < len(times):  # repeated time values: interpolate nothing, the newest output holds
-        times, values = times[-1:], values[-1:]
     shift = torch.zeros_like(skipped[0].returned)
     for step in skipped:
-        interpolated = sum(w * v.float() for w, v in zip(lagrange_weights(times, step.time), values))
-        shift = shift + step.dsigma * (predicted_output(interpolated, step.ctx, prediction) - step.returned)
-    return (sample.float() + shift / dsigma).to(sample.dtype), shift
+        interpolated = predicted_output(extrapolate(times, values, step.time), step.ctx, prediction)
+        shift = shift + step.dsigma * (interpolated - step.returned)
+    return (sample.float() + shift / (float(ctx.sigma_next) - float(ctx.sigma))).to(sample.dtype), shift
+
+
+def settle_computed(output: Any, sample: torch.Tensor, ctx: StepContext, time: float, times: list[float],
+                    values: list[torch.Tensor], skipped: list[SkippedStep], order: int, prediction: str,
+                    wrap: Any) -> tuple[Any, torch.Tensor]:
+    """(the output to return, the value to cache) for a computed step of either AB-Cache method: the output as is,
+    or, with skipped steps to correct, moved by their correction through `order` points (the last order - 1 cached
+    ones and this step's), its noise prediction cached at the corrected latents."""
+    value = cached_value(sample, ctx, prediction)
+    if not skipped:
+        return output, value
+    first = max(0, len(values) - (order - 1))
+    returned, shift = corrected(sample, ctx, skipped, times[first:] + [time], values[first:] + [value], prediction)
+    if shift is None:
+        return output, value
+    return wrap(returned), cached_value(sample, ctx, prediction, shift)
 
 
 def should_compute(config: ABCacheConfig, step: int, num_steps: int) -> bool:
@@ -254,14 +278,9 @@ class ABCacheCallHook:
             output = call()
             sample, history.wrap = unwrap_denoiser_output(output)
             history.dtype = sample.dtype
-            value = cached_value(sample, ctx, blend)
-            if history.skipped:  # filled with `correct` only
-                first = max(0, len(history.outputs) - (self.config.order - 1))  # order points, this step's last
-                returned, shift = corrected(sample, ctx, history.skipped, history.times[first:] + [self._time(ctx)],
-                                            history.outputs[first:] + [value], blend)
-                history.skipped = []
-                if shift is not None:
-                    output, value = history.wrap(returned), cached_value(sample, ctx, blend, shift)
+            output, value = settle_computed(output, sample, ctx, self._time(ctx), history.times, history.outputs,
+                                            history.skipped, self.config.order, blend, history.wrap)
+            history.skipped = []
             history.push(ctx.step_index, self._time(ctx), value, self.config.order)
             self.counters.computed_calls += 1
             return output
@@ -272,17 +291,10 @@ class ABCacheCallHook:
         return history.wrap(prediction.to(history.dtype))
 
     def extrapolate(self, history: ABCacheState, ctx: StepContext) -> torch.Tensor:
-        k = len(history.outputs)
-        if self.config.spacing == "binomial":
-            weights = binomial_weights(k)  # f_{n-1} first
-            newest_first = list(reversed(history.outputs))
-        else:
-            if len(set(history.times)) < k:  # repeated time values (no sigma progress): plain reuse
-                return history.outputs[-1]
-            weights = lagrange_weights(history.times, self._time(ctx))
-            newest_first = history.outputs
-        result = torch.zeros_like(newest_first[0], dtype=torch.float32)
-        for w, f in zip(weights, newest_first):
+        if self.config.spacing != "binomial":  # Lagrange (plain reuse on repeated times: no sigma progress)
+            return extrapolate(history.times, history.outputs, self._time(ctx))
+        result = torch.zeros_like(history.outputs[0], dtype=torch.float32)
+        for w, f in zip(binomial_weights(len(history.outputs)), reversed(history.outputs)):  # f_{n-1} first
             result = result + w * f.float()
         return result
 

@@ -39,7 +39,7 @@ from pydantic import Field
 from accel.adapters import unwrap_denoiser_output
 from accel.base import Counters, Method, MethodHandle
 from accel.caching.abcache import (
-    PredictorKnobs, SkippedStep, cached_value, corrected, corrects, lagrange_weights, predicted_output, skipped_step,
+    PredictorKnobs, SkippedStep, corrects, extrapolate, predicted_output, settle_computed, skipped_step,
 )
 from accel.session import AccelSession, StepContext
 
@@ -91,16 +91,6 @@ class AdaptiveABCacheState(BaseState):
         del self.times[:-keep], self.values[:-keep]
 
 
-def extrapolate(times: list[float], values: list[torch.Tensor], target: float) -> torch.Tensor:
-    """Lagrange extrapolation through (times, values) to `target`, in float32 (plain reuse on repeated times)."""
-    if len(set(times)) < len(times):
-        return values[-1].float()
-    result = torch.zeros_like(values[-1], dtype=torch.float32)
-    for w, value in zip(lagrange_weights(times, target), values):
-        result = result + w * value.float()
-    return result
-
-
 def relative_errors(value: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per batch item (first dimension): mean |value - reference| / mean |reference|."""
     diff = (value - reference).abs().flatten(1).mean(dim=1)
@@ -143,14 +133,9 @@ class AdaptiveABCacheCallHook:
         output = call()
         sample, history.wrap = unwrap_denoiser_output(output)
         history.dtype = sample.dtype
-        value = cached_value(sample, ctx, self.config.prediction)
-        if history.skipped_steps:  # filled with `correct` only
-            first = max(0, len(history.values) - (self.config.order - 1))  # order points, this step's last
-            returned, shift = corrected(sample, ctx, history.skipped_steps, history.times[first:] + [self._time(ctx)],
-                                        history.values[first:] + [value], self.config.prediction)
-            history.skipped_steps = []
-            if shift is not None:
-                output, value = history.wrap(returned), cached_value(sample, ctx, self.config.prediction, shift)
+        output, value = settle_computed(output, sample, ctx, self._time(ctx), history.times, history.values,
+                                        history.skipped_steps, self.config.order, self.config.prediction, history.wrap)
+        history.skipped_steps = []
         history.push(self._time(ctx), value, self.config.order + 1)
         history.skipped = 0
         self.counters.computed_calls += 1

@@ -204,7 +204,7 @@ def calibrate(
         counter.remove()
         if bar is not None:
             bar.close()
-    profile = _profile(model, mark, setup, sweep, state, random_weights if random_weights is not None
+    profile = _profile(pipe, model, mark, setup, sweep, state, random_weights if random_weights is not None
                        else model in RANDOM_MODELS, command)
     save_profile(profile, out)
     state_path(out).unlink(missing_ok=True)
@@ -243,7 +243,7 @@ def _adherence_scorer(prompts: list[str]) -> Callable[[np.ndarray, str], float] 
     return lambda frames, prompt: float(np.mean([score(frame, prompt).all_correct for frame in frames]))
 
 
-def _profile(model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], state: dict, random_weights: bool,
+def _profile(pipe: Any, model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], state: dict, random_weights: bool,
              command: str) -> Profile:
     runs = state["runs"]
     settings, samples = [], []
@@ -258,7 +258,7 @@ def _profile(model: str, mark: Any, setup: dict, sweep: list[tuple[str, str]], s
             ssim_median=float(statistics.median(r["ssim"] for r in rows)),
             adherence=float(np.mean(adherence)) if adherence else None,
             error=[float(f"{r['error']:.4g}") for r in rows]))
-        method = estimate_key(parse_spec(spec))
+        method = estimate_key(parse_spec(spec), pipe)
         samples += [(method, r["error"], r["psnr"]) for r in rows]
     points = [{"spec": s.spec, "work": s.work, "psnr": s.psnr_p10} for s in settings]
     front = [p["spec"] for p in pareto(points)]

@@ -76,16 +76,19 @@ def primary_method(spec: Any) -> str | None:
 REUSE_ORDER = {"abcache": 1, "abcache_adaptive": 1, "sortblock": 0}  # the `order` at which a method reuses as is
 
 
-def estimate_key(spec: Any) -> str | None:
-    """The key of the estimator's fit for a spec: its primary method, "<method> order 1" when it reuses its last
-    output as is (AB-Cache order 1, Sortblock order 0), whose error grows linearly with the distance; "<method>
-    corrected" with AB-Cache's corrector (`correct` true or auto), which makes the same online error cost less PSNR."""
+def estimate_key(spec: Any, pipe: Any) -> str | None:
+    """The key of the estimator's fit for a spec on `pipe`: its primary method, "<method> order 1" when it reuses its
+    last output as is (AB-Cache order 1, Sortblock order 0), whose error grows linearly with the distance; "<method>
+    corrected" when AB-Cache's corrector runs on this pipeline (`correct` true, or auto on an Euler scheduler), which
+    makes the same online error cost less PSNR."""
+    from accel.caching.abcache import corrects
+
     method = primary_method(spec)
     config = spec.method(method) if method else None
     reuse = method in REUSE_ORDER and getattr(config, "order", None) == REUSE_ORDER[method]
     if reuse:
         return f"{method} order 1"
-    return f"{method} corrected" if getattr(config, "correct", False) else method
+    return f"{method} corrected" if hasattr(config, "correct") and corrects(config, pipe) else method
 
 
 class ObserverState(BaseState):
@@ -276,7 +279,7 @@ def observers_for(pipe: Any, spec: Any, guard_psnr: float | None = None) -> list
     estimator = profile.estimator if profile is not None else None
     if estimator is None and _RECORDING.get() is None:
         return []
-    key = estimate_key(spec)
+    key = estimate_key(spec, pipe)
     order = 1 if key and key.endswith(" order 1") else 2  # AB-Cache order 1: plain reuse
     return [lambda session: ErrorObserver(session, key, estimator, guard_psnr, order)]
 
