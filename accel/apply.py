@@ -9,7 +9,7 @@ from typing import Any, Iterator
 from accel.calibration.estimate import observers_for
 from accel.calibration.target import resolve_target
 from accel.methods import METHODS
-from accel.session import AccelReport, AccelSession
+from accel.session import AccelReport, AccelSession, refuse_unsupported
 from accel.spec import parse_spec
 
 
@@ -41,3 +41,9 @@ def accelerate(pipe: Any, spec: Any = None, *, seed: int | list[int] | None = No
         yield session.total
     finally:
         session.detach()
+
+
+def check_supported(pipe: Any, spec: Any) -> None:
+    """Refuse (a SpecError naming the method or knob) a parsed spec's methods this pipeline cannot run, before any
+    work: what `accelerate` would refuse when its session is made (a fidelity target has no methods yet)."""
+    refuse_unsupported(pipe, [(METHODS[config.method], config) for config in spec])

@@ -335,6 +335,23 @@ def _recording_class(cls: type) -> type:
     return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
+def refuse_unsupported(pipe: Any, methods: list[tuple[Any, Any]]) -> None:
+    """Refuse (a SpecError naming the method or `method.knob`) what this pipeline cannot run: a method outside its
+    families, a knob value its family or scheduler cannot run (`MethodConfig.unsupported`), an expert on a
+    one-transformer pipeline. A session checks it when it is made; the server when a request arrives (so that an
+    async video job is refused, not accepted and failed)."""
+    adapter = adapter_for(pipe)
+    for method, config in methods:
+        if method.families is not None and adapter.family not in method.families:
+            raise SpecError(f"{method.name}: not available for the {adapter.family} family; supported: "
+                            f"{', '.join(method.families)}", field=method.name)
+        if (problem := config.unsupported(adapter, pipe)) is not None:
+            raise SpecError(f"{method.name}.{problem[0]}: {problem[1]}", field=f"{method.name}.{problem[0]}")
+        if config.expert != "both" and getattr(pipe, "transformer_2", None) is None:
+            raise SpecError(f"{method.name}.expert: {config.expert!r} needs a pipeline with two experts "
+                            "(transformer_2, e.g. Wan 2.2); this one has one transformer", field=f"{method.name}.expert")
+
+
 class AccelSession:
     """The state of one `accelerate` block: pipeline, adapter, and per pipeline call the plan, hooks and report.
 
@@ -385,15 +402,7 @@ class AccelSession:
         # and the order of their children: cache-dit re-inserts the block lists, which moves them to the end, and
         # diffusers' caches take the "first block" in that order
         self._children = {t: list(t._modules.items()) for t in self.transformers.values()}
-        for method, config in methods:
-            if method.families is not None and self.adapter.family not in method.families:
-                raise SpecError(f"{method.name}: not available for the {self.adapter.family} family; supported: "
-                                f"{', '.join(method.families)}", field=method.name)
-            if (problem := config.unsupported(self.adapter, pipe)) is not None:
-                raise SpecError(f"{method.name}.{problem[0]}: {problem[1]}", field=f"{method.name}.{problem[0]}")
-            if config.expert != "both" and "transformer_2" not in self.transformers:
-                raise SpecError(f"{method.name}.expert: {config.expert!r} needs a pipeline with two experts "
-                                "(transformer_2, e.g. Wan 2.2); this one has one transformer", field=f"{method.name}.expert")
+        refuse_unsupported(pipe, methods)
 
     # -- what methods use --------------------------------------------------------------------------------------
     def add_hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:

@@ -161,6 +161,18 @@ def test_video_fields_are_strict(live, field, value):
     assert_refused(post(live, VIDEOS, json={"prompt": "x", field: value}), field)
 
 
+@pytest.mark.parametrize("acceleration, says", [
+    ({"method": "abcache", "correct": True}, "abcache.correct: needs a scheduler"),  # tiny-wan: UniPC
+    ({"method": "abcache", "expert": "low"}, "abcache.expert: 'low' needs a pipeline with two experts"),
+])
+def test_a_video_job_the_model_cannot_run_is_refused_at_submission(live, acceleration, says):
+    """Refused when it arrives (a 400), not accepted as a job that then fails: the session's own checks
+    (`accel.session.refuse_unsupported`) run on the request."""
+    body = {"model": "tiny-wan", "prompt": "x", "size": "32x32", "num_frames": 5, "num_inference_steps": 2,
+            "acceleration": acceleration}
+    assert_refused(post(live, VIDEOS, json=body), "acceleration", says=says)
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-8-sig"])
 def test_json_is_utf8_without_a_bom(live, encoding):
     body = json.dumps({"prompt": "x", **TINY}).encode(encoding)

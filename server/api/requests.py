@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from accel.apply import check_supported
 from accel.errors import AccelError, SpecError, validation_errors
 from accel.generate import (
     GenerationParams,
@@ -82,6 +83,7 @@ def acceleration(settings: ServerSettings, body, loaded: LoadedModel, quality: s
     try:
         parsed = parse_spec(spec, plans=loaded.info.prune_plans)
         settings.check_spec(parsed)
+        check_supported(loaded.pipe, parsed)  # a video job is refused here, not accepted and failed
     except SpecError as exc:
         raise bad_request(str(exc), "acceleration") from None
     except RecursionError:  # a shorthand value nested deeper than Python parses
